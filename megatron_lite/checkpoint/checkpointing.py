@@ -1,0 +1,142 @@
+"""Checkpoints: DeepSpeed's layout plus our metadata, written atomically.
+
+Layout (DeepSpeed's): `<save>/<tag>/mp_rank_XX_model_states.pt`, ZeRO optimizer shards beside
+them, `<save>/latest` naming the newest complete tag. Our metadata (`META_KEY` in the client
+state) holds plain types only, so tools read model states with `weights_only=True`.
+
+Atomicity: every rank writes into `<save>/<tag>.tmp`; after a barrier rank 0 renames it to
+`<tag>` and only then replaces `latest` (write-then-rename). A crash at any point leaves the
+previous checkpoint complete and `latest` pointing at it. Older checkpoints are removed
+(`keep_last`) only after the new one is complete.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import torch
+import torch.distributed as dist
+
+META_KEY = "megatron_lite"
+TOKENIZER_DIR = "tokenizer"
+_TAG_RE = re.compile(r"^global_step(\d+)$")
+
+
+def step_tag(step: int) -> str:
+    return f"global_step{step}"
+
+
+def _atomic_write_text(path: str, text: str):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_latest_tag(load_dir: str) -> str:
+    """The tag `latest` names, with errors that say what to do."""
+    if not os.path.isdir(load_dir):
+        raise FileNotFoundError(f"checkpoint directory {load_dir} does not exist")
+    latest = os.path.join(load_dir, "latest")
+    if not os.path.isfile(latest):
+        raise FileNotFoundError(
+            f"{latest} not found: {load_dir} holds no complete checkpoint (pass --load the "
+            f"directory given to --save, which holds 'latest')")
+    with open(latest) as f:
+        tag = f.read().strip()
+    if not os.path.isdir(os.path.join(load_dir, tag)):
+        raise FileNotFoundError(f"{latest} names '{tag}', but {os.path.join(load_dir, tag)} is missing")
+    return tag
+
+
+def list_step_tags(save_dir: str) -> list[tuple[int, str]]:
+    """Complete `global_stepN` tags in `save_dir`, sorted by step."""
+    if not os.path.isdir(save_dir):
+        return []
+    tags = []
+    for name in os.listdir(save_dir):
+        m = _TAG_RE.match(name)
+        if m and os.path.isdir(os.path.join(save_dir, name)):
+            tags.append((int(m.group(1)), name))
+    return sorted(tags)
+
+
+def save_checkpoint(engine, save_dir: str, step: int, metadata: dict, *, tokenizer=None,
+                    keep_last: int | None = None):
+    """Save `engine` at `step` atomically; `metadata` goes into the client state under META_KEY."""
+    tag = step_tag(step)
+    tmp_tag = f"{tag}.tmp"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    final_dir = os.path.join(save_dir, tag)
+    tmp_dir = os.path.join(save_dir, tmp_tag)
+    if rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        if os.path.exists(tmp_dir):  # left by a crash mid-save: never complete, safe to drop
+            shutil.rmtree(tmp_dir)
+    _barrier()
+    engine.save_checkpoint(save_dir, tag=tmp_tag, client_state={META_KEY: metadata},
+                           save_latest=False)
+    _barrier()
+    if rank == 0:
+        if tokenizer is not None:
+            tokenizer.save(os.path.join(tmp_dir, TOKENIZER_DIR))
+        if os.path.exists(final_dir):  # re-saving a step: swap in the new one, then drop the old
+            old_dir = f"{final_dir}.old"
+            shutil.rmtree(old_dir, ignore_errors=True)
+            os.replace(final_dir, old_dir)
+            os.replace(tmp_dir, final_dir)
+            shutil.rmtree(old_dir)
+        else:
+            os.replace(tmp_dir, final_dir)
+        _atomic_write_text(os.path.join(save_dir, "latest"), tag)
+        if keep_last:
+            for _, old in list_step_tags(save_dir)[:-keep_last]:
+                if old != tag:
+                    shutil.rmtree(os.path.join(save_dir, old), ignore_errors=True)
+    _barrier()
+    return final_dir
+
+
+def load_checkpoint(engine, load_dir: str, *, finetune: bool = False) -> dict:
+    """Load the checkpoint `latest` names into `engine`; return our metadata.
+
+    `finetune` loads the weights only (no optimizer, scheduler or data position)."""
+    tag = read_latest_tag(load_dir)
+    path, client_state = engine.load_checkpoint(
+        load_dir, tag=tag, load_module_only=finetune, load_optimizer_states=not finetune,
+        load_lr_scheduler_states=not finetune)
+    if path is None or client_state is None or META_KEY not in client_state:
+        raise ValueError(f"{os.path.join(load_dir, tag)} is not a megatron_lite checkpoint "
+                         f"(no '{META_KEY}' metadata in its model states)")
+    return client_state[META_KEY]
+
+
+def model_state_path(ckpt_dir: str, tp_rank: int) -> str:
+    return os.path.join(ckpt_dir, f"mp_rank_{tp_rank:02d}_model_states.pt")
+
+
+def read_model_states(load_dir: str, tp_rank: int, *, tag: str | None = None):
+    """(module state dict, our metadata, checkpoint dir) of one TP rank, without DeepSpeed.
+
+    Read with `weights_only=True` and memory-mapped, as our metadata holds plain types only."""
+    tag = tag or read_latest_tag(load_dir)
+    ckpt_dir = os.path.join(load_dir, tag)
+    path = model_state_path(ckpt_dir, tp_rank)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: the checkpoint in {ckpt_dir} has no "
+                                f"model-state file for tensor-parallel rank {tp_rank}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"cannot read {path}: {e}") from e
+    if META_KEY not in state:
+        raise ValueError(f"{path} has no '{META_KEY}' metadata: not a megatron_lite checkpoint")
+    return state["module"], state[META_KEY], ckpt_dir
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
