@@ -10,11 +10,13 @@ Everything is built from scratch in a temporary directory (or --work-dir): the s
 (whole-word masking needs [CLS]/[SEP]/[MASK]) trained on train.jsonl, and a sentencepiece unigram
 model trained on valid.jsonl (the test suite's recipe: seconds instead of half a minute).
 
-Preprocessing: tools/preprocess_data.py's main() runs on train.jsonl with --workers 1 and 2 for
-each tokenizer setting, in rounds (every setting once per round) so a slow spell on a shared
+Preprocessing: tools/preprocess_data.py's main() runs on train.jsonl repeated --corpus-copies
+times (one copy is 5 MB, under a second of work: worker start-up and noise would dominate), with
+--workers 1 and 2 for each tokenizer setting, in rounds (every setting once per round) so a slow spell on a shared
 machine hits all of them. MB/s is the tool's own figure: UTF-8 megabytes (10^6) of document text
 over the time from starting the workers to the renamed output, so it includes the worker start-up
-(loading the tokenizer and, with --word-boundaries, jieba's dictionary in every worker).
+(loading the tokenizer and, with --word-boundaries, jieba's dictionary in every worker). The
+objectives read datasets of one copy, built untimed.
 
 Objectives: each dataset is built once (its build time is the *setup* column), then read on one
 thread (torch.set_num_threads(1), no DataLoader workers) in micro-batches: the indices come from
@@ -186,8 +188,9 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def preprocess_once(ws: Workspace, setting: PreprocessSetting, workers: int) -> tuple[float, float]:
-    """(MB/s, cores busy) of one tools/preprocess_data.py run.
+def preprocess_once(ws: Workspace, setting: PreprocessSetting,
+                    workers: int) -> tuple[float, float, float]:
+    """(MB/s, cores busy, MB of input) of one tools/preprocess_data.py run.
 
     MB/s is the tool's own figure, unrounded. Cores busy = CPU seconds / wall seconds of the whole
     call: on a machine shared with others, it tells whether a second worker found a core free."""
@@ -201,7 +204,7 @@ def preprocess_once(ws: Workspace, setting: PreprocessSetting, workers: int) -> 
     cpu, wall = cpu_seconds(), time.perf_counter()
     result = run_tool(preprocess, argv)
     cores = (cpu_seconds() - cpu) / (time.perf_counter() - wall)
-    return result["bytes"] / 1e6 / result["seconds"], cores
+    return result["bytes"] / 1e6 / result["seconds"], cores, result["bytes"] / 1e6
 
 
 def bench_preprocessing(ws: Workspace, args) -> list[dict]:
@@ -209,7 +212,7 @@ def bench_preprocessing(ws: Workspace, args) -> list[dict]:
     cores = {key: [] for key in runs}
     for r in range(args.repeats):
         for (setting, workers), mbps in runs.items():
-            rate, busy = preprocess_once(ws, setting, workers)
+            rate, busy, input_mb = preprocess_once(ws, setting, workers)
             mbps.append(rate)
             cores[setting, workers].append(busy)
         log(f"preprocessing round {r + 1}/{args.repeats}: " + ", ".join(
@@ -219,6 +222,7 @@ def bench_preprocessing(ws: Workspace, args) -> list[dict]:
     rows = []
     for setting in PREPROCESS_SETTINGS:
         row = {"tokenizer": setting.label, "word_boundaries": setting.word_boundaries,
+               "input_mb": input_mb,
                "mb_per_s": {}, "mb_per_s_best": {}, "cores": {}}
         for w in args.workers:
             row["mb_per_s"][w] = statistics.median(runs[setting, w])
@@ -445,23 +449,29 @@ def render(pre_rows, obj_rows, args, argv, micro_batch, started, loads) -> str:
         f"the end); torch {torch.__version__}, Python {platform.python_version()}, "
         f"{platform.system()}. Date: {started:%Y-%m-%d %H:%M} UTC.",
         "",
-        f"### Preprocessing (`tools/preprocess_data.py`, sample train.jsonl)",
+        f"### Preprocessing (`tools/preprocess_data.py`, sample train.jsonl x "
+        f"{args.corpus_copies}: {pre_rows[0]['input_mb']:.1f} MB of text per run)",
         "",
         "| tokenizer | word boundaries | " + " | ".join(
             f"MB/s, {w} worker{'s' if w > 1 else ''} (median / best)" for w in args.workers)
-        + f" | {hi}w / {lo}w |",
-        "|---|---|" + "---:|" * len(args.workers) + "---:|",
+        + f" | {hi}w / {lo}w | cores busy, " + " / ".join(f"{w}w" for w in args.workers) + " |",
+        "|---|---|" + "---:|" * (len(args.workers) + 2),
     ]
     for row in pre_rows:
         cells = [f"{row['mb_per_s'][w]:.2f} / {row['mb_per_s_best'][w]:.2f}" for w in args.workers]
-        lines.append(f"| {row['tokenizer']} | {'jieba (--word-boundaries)' if row['word_boundaries'] else 'no'} | "
-                     + " | ".join(cells) + f" | {row['ratio']:.2f} |")
+        words = "jieba (`--word-boundaries`)" if row["word_boundaries"] else "no"
+        busy = " / ".join(f"{row['cores'][w]:.2f}" for w in args.workers)
+        lines.append(f"| {row['tokenizer']} | {words} | " + " | ".join(cells)
+                     + f" | {row['ratio']:.2f} | {busy} |")
     lines += [
         "",
-        f"MB of document text (UTF-8, 10^6 bytes) per second of the tool's run, worker start-up "
-        f"included; best and median of {args.repeats} round(s), the ratio is the median of the per-round ratios. The "
-        f"machine has {cores} cores shared with others, and with {hi} workers the parent process "
-        "(reading, writing) competes with them, so the ratio stays well below the worker count.",
+        "MB/s: megabytes (10^6) of UTF-8 document text per second, the tool's own figure (its "
+        "timer starts before the worker pool, so each worker's start-up is included: loading the "
+        "tokenizer and, with word boundaries, jieba's dictionary). Median and best of "
+        f"{args.repeats} round(s); each round runs every setting, so load spikes from other users "
+        f"hit all of them; {hi}w / {lo}w is the median of the per-round ratios. *Cores busy* is "
+        "CPU seconds (the process and its workers) over wall seconds of a run: it shows whether "
+        f"the extra workers found a free core on this {cores}-core machine shared with others.",
         "",
         f"### Objectives on one core vs. the tiny GPT trainer (micro-batch {micro_batch})",
         "",

@@ -5,7 +5,7 @@
 #
 # Environment overrides (the test suite runs this script as a smoke test with small values):
 #   DEMO_DATA (data/sample), DEMO_RUN (runs/demo), DEMO_TRAIN_ITERS (from configs/gpt/tiny.yaml),
-#   DEMO_MAX_DOCS (all), DEMO_PROMPT, DEMO_NEW_TOKENS (48)
+#   DEMO_PROMPT (中国人民), DEMO_NEW_TOKENS (48)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,12 +15,10 @@ PROMPT=${DEMO_PROMPT:-中国人民}
 NEW_TOKENS=${DEMO_NEW_TOKENS:-48}
 ITERS_FLAG=()
 [ -n "${DEMO_TRAIN_ITERS:-}" ] && ITERS_FLAG=(--train-iters "$DEMO_TRAIN_ITERS")
-MAX_DOCS_FLAG=()
-[ -n "${DEMO_MAX_DOCS:-}" ] && MAX_DOCS_FLAG=(--max-documents "$DEMO_MAX_DOCS")
 start=$(date +%s)
 
 echo "== 1/5 sample corpus -> $DATA"
-python tools/prepare_sample_corpus.py --out-dir "$DATA" "${MAX_DOCS_FLAG[@]}"
+python tools/prepare_sample_corpus.py --out-dir "$DATA"
 echo "== 2/5 character tokenizer (LingLong specials)"
 python tools/train_tokenizer.py --input "$DATA/train.jsonl" --output-dir "$DATA/tokenizer" \
     --type char --preset linglong

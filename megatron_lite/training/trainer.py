@@ -307,6 +307,11 @@ def _train(run: RunConfig, spec, datasets_provider) -> dict:
             if stop or stop_reason == "exit_interval":
                 logger.write(f"stopping at step {step} ({stop_reason})")
                 break
+    if history["valid_loss"] and valid_entropy is not None:
+        final = history["valid_loss"][-1][1]
+        logger.write(f"final validation loss {final:.4f} nats/token; a unigram model of the "
+                     f"validation targets scores {valid_entropy:.4f}: {valid_entropy - final:+.4f} "
+                     f"nats better")
     logger.close()
     return dict(step=step, consumed_samples=consumed, stop_reason=stop_reason,
                 valid_unigram_entropy=valid_entropy, **history)

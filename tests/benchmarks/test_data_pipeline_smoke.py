@@ -25,8 +25,9 @@ def test_smoke_run_reports_every_setting_and_objective(tmp_path, capsys):
     out = tmp_path / "BENCHMARKS.md"
     out.write_text(f"# Benchmarks\n\n{OTHER}", encoding="utf-8")
     threads = torch.get_num_threads()
-    result = dp.main(["--corpus-docs", "150", "--repeats", "1", "--rounds", "1",
-                      "--min-time", "0.01", "--micro-batch-size", "2", "--out", str(out)])
+    result = dp.main(["--corpus-docs", "150", "--corpus-copies", "2", "--repeats", "1",
+                      "--rounds", "1", "--min-time", "0.01", "--micro-batch-size", "2",
+                      "--out", str(out)])
     assert torch.get_num_threads() == threads  # the benchmark's one-thread phase is undone
 
     pre = result["preprocessing"]
@@ -35,6 +36,8 @@ def test_smoke_run_reports_every_setting_and_objective(tmp_path, capsys):
     for r in pre:
         for w in (1, 2):
             assert positive(r["mb_per_s"][w]) and r["mb_per_s_best"][w] >= r["mb_per_s"][w]
+            assert positive(r["cores"][w])
+        assert r["input_mb"] == pre[0]["input_mb"] > 0  # every setting read the same input
         # One round: the paired ratio is that round's 2-worker over 1-worker figure.
         assert math.isclose(r["ratio"], r["mb_per_s"][2] / r["mb_per_s"][1], rel_tol=1e-12)
 
@@ -68,7 +71,7 @@ def test_smoke_run_reports_every_setting_and_objective(tmp_path, capsys):
     text = out.read_text(encoding="utf-8")
     assert OTHER in text  # the other benchmark's section is untouched
     assert text.index(OTHER) < text.index(dp.SECTION) < text.index(dp.BEGIN) < text.index(dp.END)
-    assert "--corpus-docs 150" in text and "torch " in text and "UTC" in text
+    assert "--corpus-docs 150 --corpus-copies 2" in text and "torch " in text and "UTC" in text
 
 
 def test_update_markdown_replaces_only_its_block(tmp_path):
