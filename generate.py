@@ -67,7 +67,9 @@ def main(argv=None):
     owns_dist = init_distributed()
     try:
         ps = ParallelState.from_world(dist.get_world_size())
-        model, tokenizer, _ = load_model(args.load, ps, args.tag)
+        model, tokenizer, meta = load_model(args.load, ps, args.tag)
+        # A backward (LingLong-Backward) model writes the text that comes before the prompt.
+        backward = bool(meta["model_config"].get("backward", False))
         prompts = [tokenizer.encode(p) for p in args.prompt]
         outputs = generate(model, prompts, args.max_new_tokens,
                            eos_id=None if args.no_eos_stop else tokenizer.eod_id,
@@ -82,7 +84,8 @@ def main(argv=None):
                     print(json.dumps({"prompt": r["prompt"], "completion": r["completion"]},
                                      ensure_ascii=False), flush=True)
                 else:
-                    print(f"{r['prompt']}{r['completion']}", flush=True)
+                    text = (r["completion"] + r["prompt"]) if backward else (r["prompt"] + r["completion"])
+                    print(text, flush=True)
         return results
     finally:
         if owns_dist and dist.is_initialized():

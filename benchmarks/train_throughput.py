@@ -65,6 +65,8 @@ class Variant:
     """Attention kind shown in the table."""
     cfg: GPTConfig
     """Our config of this shape; it sizes the HF model and gives the FLOPs count for every row."""
+    hf_activation: str = "gelu_new"
+    """transformers activation name of the HF model (unused for ours)."""
 
 
 def parse_args(argv):
@@ -82,6 +84,9 @@ def parse_args(argv):
                    help="torch threads (default: every core this process may use)")
     p.add_argument("--peak-flops", type=float, default=None,
                    help="peak FLOP/s for MFU (default: the cached fp32 matmul probe)")
+    p.add_argument("--hf-activation", default="gelu_new", choices=["gelu_new", "gelu_pytorch_tanh"],
+                   help="GPT-2's own tanh GELU written as pointwise ops (gelu_new), or the same "
+                        "function as one fused torch kernel, as ours uses (gelu_pytorch_tanh)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out", default=None,
                    help="markdown file whose '## Training throughput (GPT)' section gets the "
@@ -111,24 +116,24 @@ def load_shape(shape: str, seq_length: int) -> GPTConfig:
                                max_position_embeddings=max(cfg.max_position_embeddings, seq_length))
 
 
-def variants(cfg: GPTConfig) -> list[Variant]:
+def variants(cfg: GPTConfig, hf_activation: str = "gelu_new") -> list[Variant]:
     dense = dataclasses.replace(cfg, sparse_attention=False)
     out = [Variant("ours-dense", "megatron_lite GPT", "dense", dense)]
     if cfg.sparse_attention:
         out.append(Variant("ours-sparse", "megatron_lite GPT",
                            f"sparse on odd layers (stride {cfg.sparse_stride}, "
                            f"summary {cfg.sparse_summary})", cfg))
-    out.append(Variant("hf", "HF GPT2LMHeadModel", "dense", dense))
+    out.append(Variant("hf", f"HF GPT2LMHeadModel ({hf_activation})", "dense", dense, hf_activation))
     return out
 
 
-def hf_gpt2(cfg: GPTConfig, seed: int):
+def hf_gpt2(cfg: GPTConfig, seed: int, activation: str = "gelu_new"):
     """GPT-2 with our shape; its vocabulary is our padded one, so the head does the same matmul."""
     from transformers import GPT2Config, GPT2LMHeadModel
     hf_cfg = GPT2Config(
         vocab_size=cfg.padded_vocab_size, n_positions=cfg.max_position_embeddings,
         n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_attention_heads,
-        n_inner=cfg.ffn_size, activation_function="gelu_new", layer_norm_epsilon=cfg.layernorm_epsilon,
+        n_inner=cfg.ffn_size, activation_function=activation, layer_norm_epsilon=cfg.layernorm_epsilon,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=cfg.init_std,
         tie_word_embeddings=True, use_cache=False, bos_token_id=None, eos_token_id=None,
         attn_implementation="sdpa")  # the kernel our attention uses too
@@ -139,7 +144,7 @@ def hf_gpt2(cfg: GPTConfig, seed: int):
 def make_engine(variant: Variant, tcfg: TrainingConfig, ds_path: str, ps: ParallelState, seed: int):
     import deepspeed
     if variant.key == "hf":
-        module = hf_gpt2(variant.cfg, seed)
+        module = hf_gpt2(variant.cfg, seed, variant.hf_activation)
     else:
         module = GPTModel(variant.cfg, ps, RNGContext(seed, ps.dp_rank, ps.tp_rank))
         initialize_parameters(module, seed, ps)
@@ -239,59 +244,78 @@ def measure_memory(variant, tcfg, ds_path, args) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------- the benchmark
-def bench_shape(shape: str, args, tcfg: TrainingConfig, ds_path: str, ps: ParallelState,
-                peak: float) -> list[dict]:
-    cfg = load_shape(shape, args.seq_length)
-    spec = get_model_spec("gpt")
-    todo = variants(cfg)
-    memory = {}
-    for v in todo:
-        print(f"[{shape}] memory probe: {v.key}", file=sys.stderr, flush=True)
-        memory[v.key] = measure_memory(v, tcfg, ds_path, args)
-
-    engines = {}
-    for v in todo:
-        engines[v.key] = make_engine(v, tcfg, ds_path, ps, args.seed)
-    params = {k: count_params(e.module) for k, e in engines.items()}
-    if params["hf"] != params["ours-dense"]:
-        raise RuntimeError(f"{shape}: GPT2LMHeadModel has {params['hf']:,} parameters but ours "
-                           f"{params['ours-dense']:,}; the shapes differ, so the comparison is not "
-                           f"like for like")
-
+def timed_rounds(shape, todo, engines, cfg, args) -> tuple[dict, dict]:
+    """Wall and CPU seconds of each model's timed steps, taken in turn, one step per round."""
     def tokens(step):
         return make_tokens(step, cfg, args.micro_batch_size, args.seq_length, args.seed)
 
     for step in range(args.warmup):
         for v in todo:
             train_step(engines[v.key], v, tokens(step))
-    times = {v.key: [] for v in todo}
+    wall = {v.key: [] for v in todo}
+    # CPU time of the process (all threads) is a second opinion on a loaded machine: time spent
+    # descheduled inflates the wall clock, not the CPU clock (spinning threads blur it somewhat).
+    cpu = {v.key: [] for v in todo}
     for r in range(args.steps):
         batch = tokens(args.warmup + r)
         for v in todo:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             train_step(engines[v.key], v, batch)
-            times[v.key].append(time.perf_counter() - start)
+            wall[v.key].append(time.perf_counter() - start)
+            cpu[v.key].append(time.process_time() - start_cpu)
         print(f"[{shape}] round {r + 1}/{args.steps}: "
-              + ", ".join(f"{k} {t[-1]:.2f}s" for k, t in times.items()), file=sys.stderr, flush=True)
-    del engines
-    gc.collect()
+              + ", ".join(f"{k} {w[-1]:.2f}s (cpu {c[-1]:.2f}s)"
+                          for (k, w), c in zip(wall.items(), cpu.values())),
+              file=sys.stderr, flush=True)
+    return wall, cpu
+
+
+def bench_shape(shape: str, args, tcfg: TrainingConfig, ds_path: str, ps: ParallelState,
+                peak: float) -> list[dict]:
+    cfg = load_shape(shape, args.seq_length)
+    spec = get_model_spec("gpt")
+    todo = variants(cfg, args.hf_activation)
+    memory = {}
+    for v in todo:
+        print(f"[{shape}] memory probe: {v.key}", file=sys.stderr, flush=True)
+        memory[v.key] = measure_memory(v, tcfg, ds_path, args)
+
+    engines = {}
+    try:
+        for v in todo:
+            engines[v.key] = make_engine(v, tcfg, ds_path, ps, args.seed)
+        params = {k: count_params(e.module) for k, e in engines.items()}
+        if params["hf"] != params["ours-dense"]:
+            raise RuntimeError(f"{shape}: GPT2LMHeadModel has {params['hf']:,} parameters but ours "
+                               f"{params['ours-dense']:,}; the shapes differ, so the comparison is "
+                               f"not like for like")
+        wall, cpu = timed_rounds(shape, todo, engines, cfg, args)
+    finally:
+        # Engines sit in DeepSpeed's registries until destroyed; the next shape needs the memory.
+        for engine in engines.values():
+            engine.destroy()
+        del engines
+        gc.collect()
 
     n_tokens = args.micro_batch_size * args.seq_length
     dense_flops = spec.flops_per_token(dataclasses.replace(cfg, sparse_attention=False),
                                        args.seq_length)
     rows = []
     for v in todo:
-        median = statistics.median(times[v.key])
+        median = statistics.median(wall[v.key])
         tps = n_tokens / median
         # Paired per round: ours and theirs ran back to back, under the same machine load.
-        ratio = statistics.median(h / o for h, o in zip(times["hf"], times[v.key]))
+        ratio = statistics.median(h / o for h, o in zip(wall["hf"], wall[v.key]))
+        cpu_ratio = statistics.median(h / o for h, o in zip(cpu["hf"], cpu[v.key]))
         baseline, peak_rss = memory[v.key]
         rows.append(dict(
             shape=shape, key=v.key, model=v.model, attention=v.attention, params=params[v.key],
-            step_s=median, step_s_min=min(times[v.key]), step_s_max=max(times[v.key]),
+            step_s=median, step_s_min=min(wall[v.key]), step_s_max=max(wall[v.key]),
+            cpu_s=statistics.median(cpu[v.key]),
             tokens_per_s=tps, mfu=tps * spec.flops_per_token(v.cfg, args.seq_length) / peak,
             mfu_dense_count=tps * dense_flops / peak, peak_rss_mb=peak_rss / 2**20,
-            baseline_rss_mb=baseline / 2**20, ours_over_theirs=ratio))
+            baseline_rss_mb=baseline / 2**20, ours_over_theirs=ratio,
+            ours_over_theirs_cpu=cpu_ratio))
     return rows
 
 
@@ -307,8 +331,8 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def render(rows: list[dict], args, argv: list[str], ds_path: str, peak: float,
-           started: datetime.datetime, load: tuple[float, float]) -> str:
+def render(rows: list[dict], args, argv: list[str], ds_path: str, tcfg: TrainingConfig,
+           peak: float, started: datetime.datetime, load: tuple[float, float]) -> str:
     import deepspeed
     import transformers
     command = "python benchmarks/train_throughput.py" + ("" if not argv else " " + shlex.join(argv))
@@ -321,27 +345,29 @@ def render(rows: list[dict], args, argv: list[str], ds_path: str, peak: float,
         f"transformers {transformers.__version__}, Python {platform.python_version()}",
         f"- Peak: {peak / 1e9:.1f} GFLOP/s fp32 ({peak_source})",
         f"- Engine: DeepSpeed, {os.path.relpath(ds_path, ROOT)} (ZeRO stage {args.zero_stage}), "
-        f"fp32, torch AdamW, gradient clipping 1.0; micro-batch {args.micro_batch_size}, sequence "
+        f"fp32, torch AdamW, gradient clipping {tcfg.clip_grad}; micro-batch {args.micro_batch_size}, sequence "
         f"{args.seq_length}, {args.warmup} warm-up step(s), {args.steps} timed round(s) per model",
         f"- Load average (1 min) at start / end: {load[0]:.2f} / {load[1]:.2f}. The machine is "
         f"shared with other people's jobs, so absolute figures wander; the interleaved, per-round "
         f"ours/theirs ratio is the figure to rely on.",
         "",
-        "| shape | model | attention | params | step s, median (min–max) | tokens/s | MFU | "
-        "MFU, dense count | peak RSS MB (before build) | ours/theirs |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| shape | model | attention | params | step s, median (min–max) | CPU s / step | tokens/s "
+        "| MFU | MFU, dense count | peak RSS MB (before build) | ours/theirs: wall (CPU) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        ratio = "1 (reference)" if r["key"] == "hf" else f"{r['ours_over_theirs']:.2f}"
+        ratio = ("1 (reference)" if r["key"] == "hf"
+                 else f"{r['ours_over_theirs']:.2f} ({r['ours_over_theirs_cpu']:.2f})")
         lines.append(
             f"| {r['shape']} | {r['model']} | {r['attention']} | {r['params'] / 1e6:.1f} M | "
-            f"{r['step_s']:.3f} ({r['step_s_min']:.3f}–{r['step_s_max']:.3f}) | "
+            f"{r['step_s']:.3f} ({r['step_s_min']:.3f}–{r['step_s_max']:.3f}) | {r['cpu_s']:.3f} | "
             f"{r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {100 * r['mfu_dense_count']:.1f}% | "
             f"{r['peak_rss_mb']:,.0f} ({r['baseline_rss_mb']:,.0f}) | {ratio} |")
     lines += [
         "",
         "Columns: *ours/theirs* is tokens/s of the row over tokens/s of GPT2LMHeadModel, the "
-        "median of per-round ratios. *MFU* counts 6·N + 12·L·H·Q·T model FLOPs per token "
+        "median of per-round ratios of wall-clock step times; in brackets the same ratio of "
+        "process CPU times, which time spent descheduled by other jobs does not inflate. *MFU* counts 6·N + 12·L·H·Q·T model FLOPs per token "
         "(`flops_per_token` of the `gpt` registry record) for every row; on the sparse row it "
         "counts the keys the sparse pattern attends, while our masked SDPA still computes the "
         "full square there, and *MFU, dense count* is what the dense formula would claim. "
@@ -412,7 +438,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 else:
                     os.environ[key] = value
         torch.set_num_threads(previous_threads)
-    block = render(rows, args, argv, ds_path, peak, started, (load_start, os.getloadavg()[0]))
+    block = render(rows, args, argv, ds_path, tcfg, peak, started, (load_start, os.getloadavg()[0]))
     print(block)
     if args.out:
         update_markdown(args.out, block)

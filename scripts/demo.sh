@@ -5,7 +5,9 @@
 #
 # Environment overrides (the test suite runs this script as a smoke test with small values):
 #   DEMO_DATA (data/sample), DEMO_RUN (runs/demo), DEMO_TRAIN_ITERS (from configs/gpt/tiny.yaml),
-#   DEMO_PROMPT (中国人民), DEMO_NEW_TOKENS (48)
+#   DEMO_TRAIN_ARGS (more pretrain_gpt.py flags),
+#   DEMO_PROMPT (中国人民), DEMO_NEW_TOKENS (48), DEMO_CHECK_LEARNING (1: fail unless the final
+#   validation loss beats the unigram entropy of the validation targets by 0.3 nats)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +17,7 @@ PROMPT=${DEMO_PROMPT:-中国人民}
 NEW_TOKENS=${DEMO_NEW_TOKENS:-48}
 ITERS_FLAG=()
 [ -n "${DEMO_TRAIN_ITERS:-}" ] && ITERS_FLAG=(--train-iters "$DEMO_TRAIN_ITERS")
+read -r -a EXTRA_TRAIN_ARGS <<< "${DEMO_TRAIN_ARGS:-}"
 start=$(date +%s)
 
 echo "== 1/5 sample corpus -> $DATA"
@@ -33,8 +36,21 @@ rm -rf "$RUN"
 deepspeed --num_gpus 2 pretrain_gpt.py --config configs/gpt/tiny.yaml \
     --tensor-model-parallel-size 2 --tokenizer "$DATA/tokenizer" \
     --train-data-prefix "$DATA/train" --valid-data-prefix "$DATA/valid" \
-    --save "$RUN" --log-dir "$RUN/logs" "${ITERS_FLAG[@]}" \
+    --save "$RUN" --log-dir "$RUN/logs" "${ITERS_FLAG[@]}" "${EXTRA_TRAIN_ARGS[@]}" \
     --deepspeed --deepspeed_config configs/deepspeed/zero1.json
+
+if [ "${DEMO_CHECK_LEARNING:-1}" = 1 ]; then
+    # The model must beat a unigram model of the validation targets by at least 0.3 nats.
+    python - "$RUN/logs/metrics.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if "valid_loss" in l]
+loss, entropy = rows[-1]["valid_loss"], rows[-1]["valid_unigram_entropy"]
+margin = entropy - loss
+print(f"validation loss {loss:.3f} vs unigram entropy {entropy:.3f}: {margin:.3f} nats better "
+      f"({'PASS' if margin >= 0.3 else 'FAIL'}: at least 0.3 required)")
+sys.exit(0 if margin >= 0.3 else 1)
+PY
+fi
 
 echo "== 5/5 generate at TP=2 from $RUN"
 deepspeed --num_gpus 2 generate.py --load "$RUN" --prompt "$PROMPT" --greedy \

@@ -24,6 +24,20 @@ class ModelSpec:
     """`flops_per_token(config, seq_len)`: model FLOPs (forward + backward) per trained token."""
     objective: str
     """Name of the data objective whose batches the model consumes, e.g. "causal_lm"."""
+    tokens_per_sample: Callable[[Any, Any], int] | None = None
+    """`tokens_per_sample(config, data_config)`: tokens one training sample feeds the model, for
+    tokens/s. None: data_config.seq_length. (An encoder-decoder counts both stacks' tokens.)"""
+    flops_per_sample: Callable[[Any, Any], float] | None = None
+    """`flops_per_sample(config, data_config)`: model FLOPs (forward + backward) of one training
+    sample, for MFU. None: flops_per_token(config, seq_length) x seq_length."""
+
+    def sample_cost(self, config, data_config) -> tuple[int, float]:
+        """(tokens, model FLOPs) of one training sample under `data_config`."""
+        seq = data_config.seq_length
+        tokens = self.tokens_per_sample(config, data_config) if self.tokens_per_sample else seq
+        flops = (self.flops_per_sample(config, data_config) if self.flops_per_sample
+                 else self.flops_per_token(config, seq) * seq)
+        return tokens, flops
 
 
 def register(spec: ModelSpec) -> ModelSpec:

@@ -429,7 +429,10 @@ def _build_parser(classes: dict[str, type], fields, hints
     dests = {}
     for section, cls in classes.items():
         group = parser.add_argument_group(section)
-        docs = _field_docs(cls)
+        docs = {}
+        for base in reversed(cls.__mro__):  # a subclass's own docstrings cover only its fields
+            if dataclasses.is_dataclass(base):
+                docs.update(_field_docs(base))
         for field in fields[section].values():
             tp = hints[section][field.name]
             _check_supported(tp, f"{cls.__name__}.{field.name}")
@@ -471,14 +474,18 @@ def _class_fields(classes):
 
 
 def parse_config(argv: list[str] | None, model_config_cls, *,
-                 defaults_yaml: str | None = None) -> RunConfig:
+                 defaults_yaml: str | None = None, data_config_cls: type = DataConfig) -> RunConfig:
     """Build the run's configuration from defaults, YAML and flags (flags win over YAML).
 
     `defaults_yaml` is a YAML read beneath `--config` (an entry script's default preset); with no
-    `--config` it alone configures the run. Raises ConfigError for anything unknown or ill-typed.
+    `--config` it alone configures the run. `data_config_cls` is DataConfig or a subclass adding
+    a model family's data fields (e.g. T5's decoder length). Raises ConfigError for anything
+    unknown or ill-typed.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    classes = {"model": model_config_cls, "data": DataConfig, "training": TrainingConfig}
+    if not (isinstance(data_config_cls, type) and issubclass(data_config_cls, DataConfig)):
+        raise TypeError(f"data_config_cls must be DataConfig or a subclass, got {data_config_cls!r}")
+    classes = {"model": model_config_cls, "data": data_config_cls, "training": TrainingConfig}
     fields, hints = _class_fields(classes)
     parser, dests = _build_parser(classes, fields, hints)
 

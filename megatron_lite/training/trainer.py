@@ -145,10 +145,14 @@ class _Signals:
 
 def pretrain(argv: list[str] | None, *, model_name: str,
              datasets_provider: Callable[[RunConfig, object, object, ParallelState], Datasets],
-             ) -> dict:
-    """Parse `argv`, train, and return a summary (final step, last losses) for callers and tests."""
+             data_config_cls: type | None = None) -> dict:
+    """Parse `argv`, train, and return a summary (final step, last losses) for callers and tests.
+
+    `data_config_cls`: the `data:` section's dataclass when the model family adds fields to
+    DataConfig (T5: the decoder length and the objectives' knobs)."""
     spec = get_model_spec(model_name)
-    run = parse_config(sys.argv[1:] if argv is None else argv, spec.config_cls)
+    extra = {} if data_config_cls is None else {"data_config_cls": data_config_cls}
+    run = parse_config(sys.argv[1:] if argv is None else argv, spec.config_cls, **extra)
     owns_dist = init_distributed()
     try:
         return _train(run, spec, datasets_provider)
@@ -201,8 +205,11 @@ def _train(run: RunConfig, spec, datasets_provider) -> dict:
     log_dir = tcfg.log_dir or (os.path.join(tcfg.save, "logs") if tcfg.save else None)
     logger = MetricsLogger(log_dir, enabled=rank0, total_steps=tcfg.train_iters, initial_step=step,
                            progress_bar=not tcfg.no_progress_bar)
-    tokens_per_step = tcfg.global_batch_size * dcfg.seq_length
-    flops_per_token = spec.flops_per_token(cfg, dcfg.seq_length)
+    # Per sample, not seq_length x per token: an encoder-decoder's two stacks see different
+    # numbers of tokens (its registry record counts both, cross-attention included).
+    tokens_per_sample, flops_per_sample = spec.sample_cost(cfg, dcfg)
+    tokens_per_step = tcfg.global_batch_size * tokens_per_sample
+    flops_per_token = flops_per_sample / tokens_per_sample
     # Every rank has the same threads and cores; rank 0's probe stands for all (cached).
     peak = peak_flops_per_rank(override=tcfg.peak_flops) if rank0 and tcfg.log_interval else None
 

@@ -14,7 +14,8 @@ from megatron_lite.data.objectives import OBJECTIVES
 
 torch.set_num_threads(1)
 
-OTHER = "## Training throughput (GPT)\n\n<!-- train_throughput:begin -->\nfigures\n<!-- train_throughput:end -->\n"
+OTHER = ("## Training throughput (GPT)\n\n<!-- train_throughput:begin -->\nfigures\n"
+         "<!-- train_throughput:end -->\n")
 
 
 def positive(x) -> bool:
@@ -108,3 +109,11 @@ def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
         dp.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_verdict_says_when_workers_did_not_get_their_cores():
+    starved = [{"cores": {1: 0.98, 2: 1.02}}, {"cores": {1: 0.97, 2: 1.1}}]
+    assert "machine's load" in dp.preprocessing_verdict(starved, 1, 2)
+    served = [{"cores": {1: 0.99, 2: 1.9}}, {"cores": {1: 0.98, 2: 1.8}}]
+    assert "tool's own scaling" in dp.preprocessing_verdict(served, 1, 2)
+    assert "Only one worker count" in dp.preprocessing_verdict(served, 1, 1)

@@ -1,0 +1,584 @@
+"""T5 as LongLM uses it: an encoder-decoder with relative position buckets, tensor-parallel.
+
+    encoder ids -> shared embedding (vocab-parallel) -> dropout
+                -> num_layers x [x + drop(attn(LN(x), bias_enc)); x + drop(ffn(LN(x)))]
+                -> final LN -> dropout                                          = memory
+    decoder ids -> shared embedding -> dropout
+                -> num_decoder_layers x [x + drop(causal attn(LN(x), bias_dec));
+                                         x + drop(cross attn(LN(x), memory)); x + drop(ffn(LN(x)))]
+                -> final LN -> dropout -> (x d_model^-0.5 when tied) -> logits
+
+T5 v1.0 (LongLM, the default): ReLU feed-forward, the head tied to the input embedding with the
+d_model^-0.5 rescale before it. v1.1 (`feed_forward_proj: gated-gelu`, `tie_word_embeddings:
+false`): gated GELU (tanh approximation, HF's `gelu_new`) and a separate, unscaled head.
+
+What makes T5 T5, and how this file matches Hugging Face's `T5ForConditionalGeneration`:
+- LayerNorm is scale-only RMS normalisation (no mean subtraction, no bias); no linear has a bias.
+- Attention scores are NOT divided by sqrt(d_kv): the query projection's init is smaller instead
+  (std (d_model * d_kv)^-0.5), so SDPA runs with scale=1.
+- Positions enter only as a learned per-head bias on the self-attention scores, looked up by a
+  bucketed relative distance (exact up to buckets/2 or /4, then logarithmic up to max_distance).
+  The encoder's buckets are bidirectional, the decoder's causal. Each stack computes its bias once
+  (HF: in its first layer) and every layer of that stack adds the same one; cross-attention has
+  none.
+- d_kv x heads need not equal d_model (LongLM-large: 1536 = d_model, 12 x 64 = 768 inner).
+
+Tensor parallelism: heads (q, kv, o and the relative bias's head columns) and the feed-forward
+width are sharded; the embedding, the head and the loss are vocab-parallel. Projections are
+head-major ([heads, 2, d_kv] rows for the fused key/value), so a shard is a contiguous slice
+(partition stride 1). q is kept apart from kv because T5 initialises them with different stds.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from megatron_lite.models.blocks import KVCache
+from megatron_lite.models.registry import ModelSpec, register
+from megatron_lite.parallel import (ColumnParallelLinear, ParallelState, RNGContext,
+                                    RowParallelLinear, VocabParallelEmbedding, mark_replicated,
+                                    parallel_lm_logits, set_init, set_partition_tags,
+                                    vocab_parallel_cross_entropy)
+from megatron_lite.training.config import DataConfig
+
+
+@dataclass
+class T5Config:
+    vocab_size: Optional[int] = None
+    """True vocabulary size (the tokenizer's). Filled from the tokenizer when a config omits it."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding is padded to a multiple of this, whatever the TP size, so checkpoints reshard."""
+    num_layers: int = 6
+    """Encoder layers (HF `num_layers`, LongLM's n_e)."""
+    num_decoder_layers: Optional[int] = None
+    """Decoder layers (HF `num_decoder_layers`, LongLM's n_d); None means num_layers."""
+    hidden_size: int = 512
+    """Model width d_model."""
+    ffn_hidden_size: int = 2048
+    """Feed-forward width d_ff."""
+    kv_channels: int = 64
+    """Width of one attention head, d_kv; heads x d_kv need not equal hidden_size."""
+    num_attention_heads: int = 8
+    """Attention heads; TP must divide it."""
+    relative_attention_num_buckets: int = 32
+    """Relative position buckets (per direction: half of them in the bidirectional encoder)."""
+    relative_attention_max_distance: int = 128
+    """Distances at or beyond this share the last bucket."""
+    layernorm_epsilon: float = 1e-6
+    """Epsilon of the scale-only RMS LayerNorm."""
+    hidden_dropout: float = 0.1
+    """Dropout on embeddings, residual branches, the feed-forward's inner activation and each
+    stack's output (HF's dropout_rate)."""
+    attention_dropout: float = 0.1
+    """Dropout on attention probabilities (HF's dropout_rate)."""
+    feed_forward_proj: Literal["relu", "gated-gelu"] = "relu"
+    """relu: T5 v1.0 / LongLM; gated-gelu: T5 v1.1 (tanh-approximated GELU gate)."""
+    tie_word_embeddings: bool = True
+    """Tie the head to the input embedding and scale the decoder output by d_model^-0.5 first
+    (v1.0 / LongLM); false gives v1.1's separate, unscaled head."""
+    initializer_factor: float = 1.0
+    """Multiplies every init std (HF's initializer_factor); the stds themselves follow T5."""
+    pad_token_id: int = 0
+    """Padding id: encoder positions holding it are masked out of attention. Must equal the
+    tokenizer's pad id (0 for our sentencepiece, LingLong and BERT vocabularies and for HF T5)."""
+    decoder_start_token_id: Optional[int] = None
+    """First decoder input. None means pad_token_id, T5's convention, which LongLM's fine-tuning
+    code also uses; LongLM's released generation scripts pass 1 (`</s>`) instead."""
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
+
+    @property
+    def inner_size(self) -> int:
+        """heads x d_kv: the width attention works in."""
+        return self.num_attention_heads * self.kv_channels
+
+    @property
+    def decoder_start_id(self) -> int:
+        return self.pad_token_id if self.decoder_start_token_id is None else self.decoder_start_token_id
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """vocab_size rounded up to make_vocab_size_divisible_by; independent of TP."""
+        if self.vocab_size is None:
+            raise ValueError("T5Config.vocab_size is not set: set model.vocab_size in the config "
+                             "or let the trainer fill it from the tokenizer")
+        m = self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // m) * m
+
+    def validate(self, tp_size: int | None = None) -> None:
+        """Check field values (and divisibility by `tp_size` when given); errors name the field."""
+        def need(ok, field, why):
+            if not ok:
+                raise ValueError(f"T5Config.{field}={getattr(self, field)!r}: {why}")
+
+        if self.vocab_size is not None:
+            need(self.vocab_size >= 1, "vocab_size", "must be a positive integer")
+        need(self.make_vocab_size_divisible_by >= 1, "make_vocab_size_divisible_by", "must be >= 1")
+        need(self.num_layers >= 1, "num_layers", "must be >= 1")
+        if self.num_decoder_layers is not None:
+            need(self.num_decoder_layers >= 1, "num_decoder_layers", "must be >= 1 (or null)")
+        for field in ("hidden_size", "ffn_hidden_size", "kv_channels", "num_attention_heads",
+                      "relative_attention_num_buckets"):
+            need(getattr(self, field) >= 1, field, "must be >= 1")
+        # The bidirectional encoder splits the buckets by direction, then exact / logarithmic.
+        need(self.relative_attention_num_buckets % 4 == 0, "relative_attention_num_buckets",
+             "must be a multiple of 4 (half per direction, half of that exact)")
+        need(self.relative_attention_max_distance > self.relative_attention_num_buckets // 4,
+             "relative_attention_max_distance",
+             f"must exceed the exact range ({self.relative_attention_num_buckets // 4})")
+        need(self.layernorm_epsilon > 0, "layernorm_epsilon", "must be > 0")
+        need(0 <= self.hidden_dropout < 1, "hidden_dropout", "must be in [0, 1)")
+        need(0 <= self.attention_dropout < 1, "attention_dropout", "must be in [0, 1)")
+        need(self.feed_forward_proj in ("relu", "gated-gelu"), "feed_forward_proj",
+             "must be 'relu' (T5 v1.0 / LongLM) or 'gated-gelu' (T5 v1.1)")
+        need(self.initializer_factor > 0, "initializer_factor", "must be > 0")
+        need(self.pad_token_id >= 0, "pad_token_id", "must be a token id >= 0")
+        if self.decoder_start_token_id is not None:
+            need(self.decoder_start_token_id >= 0, "decoder_start_token_id",
+                 "must be a token id >= 0 (or null for pad_token_id)")
+        if self.vocab_size is not None:
+            for field in ("pad_token_id", "decoder_start_token_id"):
+                value = getattr(self, field)
+                need(value is None or value < self.vocab_size, field,
+                     f"must be below vocab_size={self.vocab_size}")
+        if tp_size is not None:
+            tp = f"tensor_model_parallel_size={tp_size}"
+            need(self.num_attention_heads % tp_size == 0, "num_attention_heads",
+                 f"must be divisible by {tp}")
+            need(self.ffn_hidden_size % tp_size == 0, "ffn_hidden_size", f"must be divisible by {tp}")
+            if self.padded_vocab_size % tp_size:
+                raise ValueError(f"padded vocabulary {self.padded_vocab_size} (vocab_size="
+                                 f"{self.vocab_size} rounded to make_vocab_size_divisible_by="
+                                 f"{self.make_vocab_size_divisible_by}) is not divisible by {tp}; "
+                                 "choose make_vocab_size_divisible_by as a multiple of the TP size")
+
+
+@dataclass
+class T5DataConfig(DataConfig):
+    """The `data:` section of a T5 run: DataConfig, where seq_length is the encoder (source)
+    length, plus the decoder length and the LongLM objectives' knobs."""
+    decoder_seq_length: int = 128
+    """Decoder (target) tokens per sample; seq_length is the encoder (source) length."""
+    noise_density: float = 0.15
+    """Span corruption: fraction of a window's tokens that are masked."""
+    mean_noise_span_length: float = 3.0
+    """Span corruption: mean length of a masked span (zero-truncated Poisson)."""
+    first_sentinel: int = 1
+    """Index k of the first sentinel <extra_id_k> used; LongLM numbers spans from 1."""
+    span_corruption_weight: float = 1.0
+    """Share of span-corruption (text infilling) samples in the mixture."""
+    continuation_weight: float = 1.0
+    """Share of conditional-continuation samples in the mixture (LongLM's default 1:1)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.decoder_seq_length < 2:
+            raise ValueError(f"decoder_seq_length must be at least 2, got {self.decoder_seq_length}")
+        if not 0.0 < self.noise_density <= 0.5:
+            raise ValueError(f"noise_density must be in (0, 0.5], got {self.noise_density}")
+        if self.mean_noise_span_length <= 0:
+            raise ValueError(f"mean_noise_span_length must be > 0, got {self.mean_noise_span_length}")
+        if self.first_sentinel < 0:
+            raise ValueError(f"first_sentinel must be >= 0, got {self.first_sentinel}")
+        if min(self.span_corruption_weight, self.continuation_weight) < 0 or \
+                self.span_corruption_weight + self.continuation_weight <= 0:
+            raise ValueError("span_corruption_weight and continuation_weight must be >= 0 and not "
+                             f"both 0, got {self.span_corruption_weight} and "
+                             f"{self.continuation_weight}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> torch.Tensor:
+    """Bucket of each (key - query) distance, as Mesh TensorFlow's T5 computes it.
+
+    Bidirectional: half the buckets for keys after the query. In each half, distances below
+    half of it get a bucket each; larger ones share logarithmically wider buckets up to
+    max_distance, and everything beyond lands in the last. Causal: keys after the query cannot
+    be seen, so all buckets go to the past. The float arithmetic is HF's, step for step: a
+    different rounding could move a boundary distance into the neighbouring bucket.
+    """
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = -torch.clamp(relative_position, max=0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    # clamp(min=1) only keeps log(0) = -inf out of the unused branch (its .long() is undefined).
+    large = max_exact + (torch.log(distance.clamp(min=1).float() / max_exact)
+                         / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).long()
+    large = torch.clamp(large, max=num_buckets - 1)
+    return buckets + torch.where(is_small, distance, large)
+
+
+def _mask_value(dtype: torch.dtype) -> float:
+    # The most negative finite value rather than -inf: a row with every key masked then softmaxes
+    # to a uniform (ignored) distribution instead of NaNs that would leak into gradients.
+    return torch.finfo(dtype).min
+
+
+class T5LayerNorm(nn.Module):
+    """Scale-only RMS normalisation, computed in fp32 whatever the input dtype (as HF does)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        set_init(self.weight, "ones")
+        mark_replicated(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + self.eps)).to(self.weight.dtype)
+
+
+class EncoderDecoderCache:
+    """What the decoder keeps between generation steps: each layer's self-attention keys/values
+    (growing) and its cross-attention keys/values over the encoder output (computed once)."""
+
+    def __init__(self, num_layers: int):
+        self.self_attn = KVCache(num_layers)
+        self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+
+    @property
+    def seq_len(self) -> int:
+        return self.self_attn.seq_len
+
+
+class T5Attention(nn.Module):
+    """Multi-head attention (self or cross) with heads sharded over TP and no score scaling.
+
+    `bias` is added to the scores: the relative position bias plus the mask (large negative where
+    a key may not be seen), broadcastable to [b, local_heads, q, k]."""
+
+    def __init__(self, cfg: T5Config, ps: ParallelState, rng: RNGContext, site: str):
+        super().__init__()
+        h, inner, f = cfg.hidden_size, cfg.inner_size, cfg.initializer_factor
+        self.d_kv = cfg.kv_channels
+        self.local_heads = cfg.num_attention_heads // ps.tp_size
+        self.attention_dropout = cfg.attention_dropout
+        self.rng, self.site = rng, site
+        # T5's init (HF `_init_weights`): the query's std carries the missing 1/sqrt(d_kv).
+        self.q = ColumnParallelLinear(h, inner, ps, bias=False, init_std=f * (h * cfg.kv_channels) ** -0.5)
+        self.kv = ColumnParallelLinear(h, 2 * inner, ps, bias=False, init_std=f * h ** -0.5)
+        self.o = RowParallelLinear(inner, h, ps, bias=False, init_std=f * inner ** -0.5)
+
+    def project_kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [b, local_heads, t, d_kv] of `states` [b, t, h]."""
+        b, t, _ = states.shape
+        kv = self.kv(states).view(b, t, self.local_heads, 2, self.d_kv)
+        k, v = kv.permute(3, 0, 2, 1, 4).unbind(0)
+        return k, v
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, kv_states: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
+        """x [b, s, h] -> [b, s, h]. Keys/values come from `kv` if given (cached cross-attention),
+        else from `kv_states` (cross-attention) or x itself (self-attention), appended to
+        `kv_cache` when one is given."""
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.local_heads, self.d_kv).transpose(1, 2)
+        k, v = kv if kv is not None else self.project_kv(x if kv_states is None else kv_states)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_idx, k, v)
+        p = self.attention_dropout if self.training else 0.0
+        if p > 0:
+            # Heads differ per TP rank, so their dropout masks must too (tp_region=True).
+            with self.rng.fork(self.site, tp_region=True):
+                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=1.0)
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        return self.o(ctx.transpose(1, 2).reshape(b, s, self.local_heads * self.d_kv))
+
+
+class T5FeedForward(nn.Module):
+    """relu: wo(drop(relu(wi x))); gated-gelu: wo(drop(gelu(wi_0 x) * wi_1 x)). The inner width is
+    sharded, so the dropout there draws per TP rank."""
+
+    def __init__(self, cfg: T5Config, ps: ParallelState, rng: RNGContext, site: str):
+        super().__init__()
+        h, ff, f = cfg.hidden_size, cfg.ffn_hidden_size, cfg.initializer_factor
+        self.gated = cfg.feed_forward_proj == "gated-gelu"
+        self.dropout, self.rng, self.site = cfg.hidden_dropout, rng, site
+        if self.gated:
+            self.wi_0 = ColumnParallelLinear(h, ff, ps, bias=False, init_std=f * h ** -0.5)
+            self.wi_1 = ColumnParallelLinear(h, ff, ps, bias=False, init_std=f * h ** -0.5)
+        else:
+            self.wi = ColumnParallelLinear(h, ff, ps, bias=False, init_std=f * h ** -0.5)
+        self.wo = RowParallelLinear(ff, h, ps, bias=False, init_std=f * ff ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            inner = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)
+        else:
+            inner = F.relu(self.wi(x))
+        inner = self.rng.dropout(inner, self.dropout, self.site, tp_region=True,
+                                 training=self.training)
+        return self.wo(inner)
+
+
+class T5Layer(nn.Module):
+    """One encoder or decoder block: self-attention, (decoder) cross-attention, feed-forward, each
+    as x + dropout(sublayer(LN(x)))."""
+
+    def __init__(self, cfg: T5Config, is_decoder: bool, layer_idx: int, ps: ParallelState,
+                 rng: RNGContext, prefix: str):
+        super().__init__()
+        self.is_decoder, self.layer_idx = is_decoder, layer_idx
+        self.dropout, self.rng, self.prefix = cfg.hidden_dropout, rng, prefix
+        eps = cfg.layernorm_epsilon
+        self.ln_attn = T5LayerNorm(cfg.hidden_size, eps)
+        self.attn = T5Attention(cfg, ps, rng, f"{prefix}.attn_probs")
+        if is_decoder:
+            self.ln_cross = T5LayerNorm(cfg.hidden_size, eps)
+            self.cross_attn = T5Attention(cfg, ps, rng, f"{prefix}.cross_probs")
+        self.ln_mlp = T5LayerNorm(cfg.hidden_size, eps)
+        self.mlp = T5FeedForward(cfg, ps, rng, f"{prefix}.mlp_inner")
+
+    def _drop(self, x, site):
+        # After the row-parallel all-reduce x is replicated, so all TP ranks drop the same units.
+        return self.rng.dropout(x, self.dropout, f"{self.prefix}.{site}", tp_region=False,
+                                training=self.training)
+
+    def forward(self, x, self_bias, memory=None, cross_bias=None, cache=None):
+        self_cache = cache.self_attn if cache is not None else None
+        x = x + self._drop(self.attn(self.ln_attn(x), self_bias, kv_cache=self_cache,
+                                     layer_idx=self.layer_idx), "attn_out")
+        if self.is_decoder:
+            kv = None
+            if cache is not None:
+                if cache.cross[self.layer_idx] is None:
+                    cache.cross[self.layer_idx] = self.cross_attn.project_kv(memory)
+                kv = cache.cross[self.layer_idx]
+            x = x + self._drop(self.cross_attn(self.ln_cross(x), cross_bias, kv_states=memory,
+                                               kv=kv), "cross_out")
+        return x + self._drop(self.mlp(self.ln_mlp(x)), "mlp_out")
+
+
+class T5Stack(nn.Module):
+    """The encoder or the decoder: its layers, its relative position bias (shared by all of its
+    layers) and its final LayerNorm. Embedding happens in T5Model (the table is shared)."""
+
+    def __init__(self, cfg: T5Config, is_decoder: bool, ps: ParallelState, rng: RNGContext):
+        super().__init__()
+        self.cfg, self.is_decoder, self.rng = cfg, is_decoder, rng
+        self.name = "decoder" if is_decoder else "encoder"
+        self.checkpoint_activations = False
+        # [buckets, local_heads]: one column per head, so it shards with the heads (dim 1).
+        self.relative_attention_bias = nn.Parameter(torch.empty(
+            cfg.relative_attention_num_buckets, cfg.num_attention_heads // ps.tp_size))
+        std = cfg.initializer_factor * cfg.hidden_size ** -0.5
+        with torch.no_grad():  # usable before initialize_parameters, like the parallel layers
+            self.relative_attention_bias.normal_(0.0, std)
+        set_init(self.relative_attention_bias, "normal", std)
+        set_partition_tags(self.relative_attention_bias, 1)
+        n = cfg.decoder_layers if is_decoder else cfg.num_layers
+        self.layers = nn.ModuleList(T5Layer(cfg, is_decoder, i, ps, rng, f"{self.name}.layers.{i}")
+                                    for i in range(n))
+        self.final_ln = T5LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+
+    def position_bias(self, q_len: int, k_len: int, past: int, device) -> torch.Tensor:
+        """[1, local_heads, q_len, k_len] bias of queries past..past+q_len-1 over keys 0..k_len-1."""
+        query = torch.arange(past, past + q_len, device=device)[:, None]
+        key = torch.arange(k_len, device=device)[None, :]
+        buckets = relative_position_bucket(key - query, bidirectional=not self.is_decoder,
+                                           num_buckets=self.cfg.relative_attention_num_buckets,
+                                           max_distance=self.cfg.relative_attention_max_distance)
+        return F.embedding(buckets, self.relative_attention_bias).permute(2, 0, 1).unsqueeze(0)
+
+    def forward(self, x, keep=None, memory=None, memory_keep=None, cache=None):
+        """x: embedded tokens [b, s, h]. Encoder: keep [b, s] bool, False at padding. Decoder:
+        memory [b, t, h] (the encoder output) and memory_keep [b, t]; a `cache`
+        (EncoderDecoderCache) holds earlier positions and receives this call's."""
+        b, s, _ = x.shape
+        past = cache.seq_len if cache is not None else 0
+        total = past + s
+        bias = self.position_bias(s, total, past, x.device)
+        neg = _mask_value(bias.dtype)
+        if self.is_decoder:
+            causal = torch.ones(s, total, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            bias = bias.masked_fill(~causal, neg)
+            cross_bias = _keep_to_bias(memory_keep, bias.dtype)
+        else:
+            cross_bias = None
+            if keep is not None:
+                bias = bias + _keep_to_bias(keep, bias.dtype)
+        x = self.rng.dropout(x, self.cfg.hidden_dropout, f"{self.name}.embedding",
+                             tp_region=False, training=self.training)
+        recompute = self.checkpoint_activations and self.training and cache is None
+        for layer in self.layers:
+            if recompute:
+                # The stateless RNG reseeds every dropout from (step, site), so the recompute in
+                # backward draws exactly the masks the forward drew.
+                x = checkpoint(layer, x, bias, memory, cross_bias, use_reentrant=False)
+            else:
+                x = layer(x, bias, memory, cross_bias, cache)
+        x = self.final_ln(x)
+        return self.rng.dropout(x, self.cfg.hidden_dropout, f"{self.name}.output",
+                                tp_region=False, training=self.training)
+
+
+def _keep_to_bias(keep: torch.Tensor | None, dtype) -> torch.Tensor | None:
+    """[b, k] bool (True = may attend) -> [b, 1, 1, k] additive bias."""
+    if keep is None:
+        return None
+    bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+    return bias.masked_fill(~keep, _mask_value(dtype))[:, None, None, :]
+
+
+class T5Model(nn.Module):
+    """T5 / LongLM on one TP rank; `forward` returns the rank's vocab shard of the decoder logits.
+
+    Parameter names (they seed the TP-invariant init and name checkpoint entries):
+    shared.weight [V_pad/tp, h]; {encoder,decoder}.relative_attention_bias [buckets, heads/tp];
+    {encoder,decoder}.layers.{i}.{ln_attn,ln_mlp}.weight; ...attn.q.weight [inner/tp, h],
+    ...attn.kv.weight [2 inner/tp, h] (rows [heads, 2 (k, v), d_kv]), ...attn.o.weight
+    [h, inner/tp]; decoder.layers.{i}.ln_cross / cross_attn.* likewise; ...mlp.wi (or wi_0, wi_1)
+    [ff/tp, h], ...mlp.wo [h, ff/tp]; {encoder,decoder}.final_ln.weight; lm_head.weight
+    [V_pad/tp, h] only when the head is untied.
+    """
+
+    def __init__(self, cfg: T5Config, ps: ParallelState | None = None,
+                 rng: RNGContext | None = None):
+        super().__init__()
+        ps = ps if ps is not None else ParallelState.single()
+        cfg.validate(ps.tp_size)
+        self.cfg, self.ps = cfg, ps
+        self.rng = rng if rng is not None else RNGContext(0, ps.dp_rank, ps.tp_rank)
+        f = cfg.initializer_factor
+        self.shared = VocabParallelEmbedding(cfg.padded_vocab_size, cfg.hidden_size, ps,
+                                             init_std=f * 1.0)
+        self.encoder = T5Stack(cfg, False, ps, self.rng)
+        self.decoder = T5Stack(cfg, True, ps, self.rng)
+        if not cfg.tie_word_embeddings:
+            # Unscaled head: std d_model^-0.5 gives unit-variance logits from normalised states.
+            self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.padded_vocab_size, ps,
+                                                bias=False, init_std=f * cfg.hidden_size ** -0.5)
+
+    @property
+    def checkpoint_activations(self) -> bool:
+        return self.encoder.checkpoint_activations
+
+    @checkpoint_activations.setter
+    def checkpoint_activations(self, value: bool):
+        self.encoder.checkpoint_activations = self.decoder.checkpoint_activations = bool(value)
+
+    def _check_ids(self, ids, name):
+        if ids.dim() != 2:
+            raise ValueError(f"{name} must be [batch, seq], got shape {tuple(ids.shape)}")
+
+    def encode(self, encoder_input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(memory [b, t, h], keep [b, t]): the encoder output and its non-padding positions."""
+        self._check_ids(encoder_input_ids, "encoder_input_ids")
+        keep = encoder_input_ids != self.cfg.pad_token_id
+        return self.encoder(self.shared(encoder_input_ids), keep=keep), keep
+
+    def decode(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor, memory_keep: torch.Tensor,
+               cache: EncoderDecoderCache | None = None) -> torch.Tensor:
+        """Logits shard [b, s, V_pad/tp] of `decoder_input_ids` [b, s] (positions after those in
+        `cache`, which receives this call's keys/values) attending to the encoder output."""
+        self._check_ids(decoder_input_ids, "decoder_input_ids")
+        x = self.decoder(self.shared(decoder_input_ids), memory=memory, memory_keep=memory_keep,
+                         cache=cache)
+        if self.cfg.tie_word_embeddings:
+            # Tied head: rescale so the logits do not grow with d_model (Mesh TF's T5).
+            return parallel_lm_logits(x * self.cfg.hidden_size ** -0.5, self.shared.weight, self.ps)
+        return parallel_lm_logits(x, self.lm_head.weight, self.ps)
+
+    def forward(self, encoder_input_ids, decoder_input_ids, labels=None, loss_mask=None):
+        """Logits shard [b, s_dec, V_pad/tp]. `labels`/`loss_mask` are accepted so
+        `model(**batch)` works, and ignored: `loss(batch)` computes the loss."""
+        memory, keep = self.encode(encoder_input_ids)
+        return self.decode(decoder_input_ids, memory, keep)
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean cross entropy over `loss_mask`, number of loss tokens) for an encoder-decoder batch."""
+        missing = [k for k in ("encoder_input_ids", "decoder_input_ids", "labels", "loss_mask")
+                   if k not in batch]
+        if missing:
+            raise KeyError(f"T5 batch is missing {missing}; an encoder-decoder batch has "
+                           "encoder_input_ids, decoder_input_ids, labels and loss_mask")
+        logits = self(batch["encoder_input_ids"], batch["decoder_input_ids"])
+        per_token = vocab_parallel_cross_entropy(logits, batch["labels"], self.ps,
+                                                 vocab_size=self.cfg.vocab_size)
+        mask = batch["loss_mask"].to(per_token.dtype)
+        n_tokens = mask.sum()
+        return (per_token * mask).sum() / n_tokens.clamp(min=1), n_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs (PaLM appendix B), counted per stack because encoder and decoder see different tokens.
+
+def _layer_params(cfg: T5Config, decoder: bool) -> tuple[int, int]:
+    """(parameters applied to the layer's own tokens, cross-attention K/V parameters applied to
+    the encoder's tokens) of one layer."""
+    h, inner, ff = cfg.hidden_size, cfg.inner_size, cfg.ffn_hidden_size
+    attn = h * inner + 2 * h * inner + inner * h  # q, kv, o
+    mlp = (3 if cfg.feed_forward_proj == "gated-gelu" else 2) * h * ff
+    own = attn + mlp + 2 * h  # + two LayerNorms
+    if not decoder:
+        return own, 0
+    return own + h * inner + inner * h + h, 2 * h * inner  # cross q, o, LN; cross kv
+
+
+def t5_flops(cfg: T5Config, source_len: int, target_len: int) -> float:
+    """Model FLOPs (forward + backward) of one sample: 6·N per token a weight sees, plus
+    12·H·Q·T per layer for attention scores and weighted sums.
+
+    Encoder tokens (source_len = S_e) pass the encoder layers, its final LN and every decoder
+    layer's cross-attention key/value projection; decoder tokens (S_d) pass the rest of the
+    decoder, its final LN and the V·h head (V padded: the head computes those columns too).
+    Attention: encoder self-attention S_e x S_e per layer, decoder self-attention S_d x S_d (all
+    keys counted, as PaLM does for causal attention) and cross-attention S_d x S_e. The relative
+    bias is a lookup and costs no matmul FLOPs, like the embedding.
+    """
+    h, le, ld = cfg.hidden_size, cfg.num_layers, cfg.decoder_layers
+    hq = cfg.num_attention_heads * cfg.kv_channels
+    enc_own, _ = _layer_params(cfg, False)
+    dec_own, dec_cross_kv = _layer_params(cfg, True)
+    n_enc_token = le * enc_own + h + ld * dec_cross_kv
+    n_dec_token = ld * dec_own + h + cfg.padded_vocab_size * h
+    dense = 6.0 * (source_len * n_enc_token + target_len * n_dec_token)
+    attention = 12.0 * hq * (le * source_len * source_len
+                             + ld * target_len * (target_len + source_len))
+    return dense + attention
+
+
+def flops_per_token(cfg: T5Config, seq_len: int) -> float:
+    """FLOPs per token with encoder and decoder both `seq_len` long (the registry's generic
+    view); training counts the real lengths through `flops_per_sample`."""
+    return t5_flops(cfg, seq_len, seq_len) / (2 * seq_len)
+
+
+def flops_per_sample(cfg: T5Config, data_cfg) -> float:
+    return t5_flops(cfg, data_cfg.seq_length, data_cfg.decoder_seq_length)
+
+
+def tokens_per_sample(cfg: T5Config, data_cfg) -> int:
+    """Encoder plus decoder tokens of a (padded) sample: what tokens/s counts."""
+    return data_cfg.seq_length + data_cfg.decoder_seq_length
+
+
+def build_t5(cfg: T5Config, ps: ParallelState, rng: RNGContext) -> T5Model:
+    return T5Model(cfg, ps, rng)
+
+
+register(ModelSpec(name="t5", config_cls=T5Config, build=build_t5,
+                   flops_per_token=flops_per_token, objective="t5_mixed",
+                   tokens_per_sample=tokens_per_sample, flops_per_sample=flops_per_sample))
