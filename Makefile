@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-NPROC := $(shell nproc)
+# DeepSpeed compiles its CPU ops (shm_comm, cpu_adam) on first use; keep them per environment so
+# two checkouts on one machine do not keep invalidating each other's build.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: install test test-gpu demo clean
 

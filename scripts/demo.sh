@@ -33,8 +33,10 @@ done
 
 echo "== 4/5 pretrain the tiny GPT: deepspeed, 2 CPU ranks, tensor-parallel size 2"
 rm -rf "$RUN"
+# The tiny preset's model, trained longer and hotter than its seconds-long debug schedule.
 deepspeed --num_gpus 2 pretrain_gpt.py --config configs/gpt/tiny.yaml \
-    --tensor-model-parallel-size 2 --tokenizer "$DATA/tokenizer" \
+    --train-iters 1000 --lr 1e-2 --min-lr 1e-3 --lr-warmup-iters 50 --eval-interval 250 \
+    --save-interval 500 --tensor-model-parallel-size 2 --tokenizer "$DATA/tokenizer" \
     --train-data-prefix "$DATA/train" --valid-data-prefix "$DATA/valid" \
     --save "$RUN" --log-dir "$RUN/logs" "${ITERS_FLAG[@]}" "${EXTRA_TRAIN_ARGS[@]}" \
     --deepspeed --deepspeed_config configs/deepspeed/zero1.json
@@ -53,7 +55,7 @@ PY
 fi
 
 echo "== 5/5 generate at TP=2 from $RUN"
-deepspeed --num_gpus 2 generate.py --load "$RUN" --prompt "$PROMPT" --greedy \
+deepspeed --num_gpus 2 generate.py --load "$RUN" --prompt "$PROMPT" --greedy --repetition-penalty 1.2 \
     --max-new-tokens "$NEW_TOKENS"
 
 echo "demo finished in $(( $(date +%s) - start )) s; checkpoint: $RUN, logs: $RUN/logs"
