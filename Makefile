@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # two checkouts on one machine do not keep invalidating each other's build.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: install test test-gpu demo clean
+.PHONY: install test test-gpu test-multinode demo clean
 
 $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: install
 
 test-gpu: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -ra -m gpu tests
+
+# The loopback multi-node launch alone (make test includes it): sshd on 127.0.0.2/127.0.0.3.
+test-multinode: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -ra tests/launch/test_multinode.py
 
 demo: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/demo.sh

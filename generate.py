@@ -1,9 +1,17 @@
-"""Generate text from a checkpoint, at the tensor-parallel size it was saved with.
+"""Generate text from a checkpoint, at its tensor-parallel size (or any, from an export).
 
-TP=1 checkpoint, one process:
-    python generate.py --load runs/tiny --prompt "中国人民" --greedy --max-new-tokens 32
-TP=2 checkpoint, two ranks (each holds half of every sharded layer):
+TP=1 checkpoint, one process (no prompt given: an interactive prompt loop):
+    python generate.py --load runs/tiny_MP1
+    python generate.py --load runs/tiny_MP1 --prompt "中国人民" --greedy --max-new-tokens 32
+TP=2 checkpoint, two ranks (each holds half of every sharded layer; torchrun works as well):
     deepspeed --num_gpus 2 generate.py --load runs/demo --prompt "中国人民" --top-p 0.9
+Many prompts, one JSON line each ({"prompt": ..., "completion": ...}):
+    python generate.py --load runs/tiny_MP1 --input-file prompts.txt --output-file out.jsonl
+A checkpoint saved at another TP size: reshard it first (python change_mp.py CKPT_DIR N), or
+export it (merged TP=1 safetensors + config + tokenizer, no pickle), which loads at any TP size:
+    python generate.py --load runs/demo --export safetensors runs/demo_export
+
+`scripts/generate_text.sh CKPT` reads the TP size from the checkpoint and launches this.
 """
 from __future__ import annotations
 
@@ -17,18 +25,27 @@ import torch.distributed as dist
 
 from megatron_lite.checkpoint.checkpointing import TOKENIZER_DIR, read_model_states
 from megatron_lite.data.tokenizer import load_tokenizer
+from megatron_lite.inference.export import export_safetensors, is_export, read_export
 from megatron_lite.inference.generation import generate
 from megatron_lite.models.registry import get_model_spec
 from megatron_lite.parallel import ParallelState, RNGContext
 from megatron_lite.training.trainer import init_distributed
 import megatron_lite.models  # noqa: F401  (registers the architectures)
 
+STOP_WORDS = ("stop", "exit", "quit")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--load", required=True, help="checkpoint directory (the one holding 'latest')")
+    p.add_argument("--load", required=True,
+                   help="checkpoint directory (the one holding 'latest'), or an export directory")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the one 'latest' names)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--input-file", default=None,
+                   help="prompts, one per line (a JSON object line gives its \"prompt\")")
+    p.add_argument("--output-file", default=None,
+                   help="write one JSON line per prompt: {\"prompt\": ..., \"completion\": ...}")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -36,56 +53,177 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decoder-start-token-id", type=int, default=None,
+                   help="T5: first decoder id (default: the model's, the pad id; LongLM's "
+                        "released scripts use 1)")
     p.add_argument("--no-eos-stop", action="store_true", help="do not stop at end of text")
     p.add_argument("--json", action="store_true", help="print one JSON line per prompt")
+    p.add_argument("--export", nargs=2, metavar=("FORMAT", "DIR"), default=None,
+                   help="write the checkpoint as FORMAT (safetensors) to DIR and exit: merged "
+                        "TP=1 weights, config.json and the tokenizer, loadable without pickle")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
 def load_model(load_dir: str, ps: ParallelState, tag: str | None = None):
-    """(model, tokenizer, metadata) of a checkpoint, built at `ps`'s TP size."""
-    state, meta, ckpt_dir = read_model_states(load_dir, ps.tp_rank, tag=tag)
-    if meta["tp_size"] != ps.tp_size:
-        raise SystemExit(
-            f"{ckpt_dir} was saved at tensor-parallel size {meta['tp_size']} but this run has "
-            f"{ps.tp_size} rank(s). Run it with {meta['tp_size']} rank(s) (deepspeed --num_gpus "
-            f"{meta['tp_size']} generate.py ...), or reshard it: python change_mp.py {load_dir} "
-            f"{ps.tp_size}")
+    """(model, tokenizer, metadata) of a checkpoint or an export, built at `ps`'s TP size."""
+    if is_export(load_dir):
+        state, meta = read_export(load_dir, ps)
+        tokenizer_dir = os.path.join(load_dir, TOKENIZER_DIR)
+    else:
+        state, meta, ckpt_dir = read_model_states(load_dir, ps.tp_rank, tag=tag)
+        if meta["tp_size"] != ps.tp_size:
+            raise SystemExit(
+                f"{ckpt_dir} was saved at tensor-parallel size {meta['tp_size']} but this run has "
+                f"{ps.tp_size} rank(s). Run it with {meta['tp_size']} rank(s) (deepspeed --num_gpus "
+                f"{meta['tp_size']} generate.py ...), or reshard it: python change_mp.py {load_dir} "
+                f"{ps.tp_size}")
+        tokenizer_dir = os.path.join(ckpt_dir, TOKENIZER_DIR)
     spec = get_model_spec(meta["model"])
+    if spec.objective not in ("causal_lm", "t5_mixed"):
+        raise SystemExit(f"{load_dir} holds a '{meta['model']}' model; generate.py generates with "
+                         f"the causal decoders (objective causal_lm) and T5 only")
     cfg = spec.config_cls(**meta["model_config"])
     model = spec.build(cfg, ps, RNGContext(0, dp_rank=ps.dp_rank, tp_rank=ps.tp_rank))
     model.load_state_dict(state, strict=True)
     model.eval()
-    tokenizer = load_tokenizer(os.path.join(ckpt_dir, TOKENIZER_DIR))
-    return model, tokenizer, meta
+    return model, load_tokenizer(tokenizer_dir), meta
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per non-empty line; a line holding a JSON object gives its "prompt" field."""
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("{"):
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{path}:{n}: a line starting with '{{' must be a JSON object "
+                                     f"with a \"prompt\" field ({e})") from None
+                if not isinstance(obj.get("prompt"), str):
+                    raise SystemExit(f"{path}:{n}: the JSON object has no string \"prompt\" field")
+                line = obj["prompt"]
+            prompts.append(line)
+    if not prompts:
+        raise SystemExit(f"{path} holds no prompts (one per line)")
+    return prompts
+
+
+class Generator:
+    """A loaded model plus the sampling settings of the command line."""
+
+    def __init__(self, model, tokenizer, meta, args):
+        self.model, self.tokenizer, self.args = model, tokenizer, args
+        # A backward (LingLong-Backward) model writes the text that comes before the prompt.
+        self.backward = bool(meta["model_config"].get("backward", False))
+        # T5: the prompt is the encoder's input (`<extra_id_k>` marks a span to fill) and the
+        # output the decoder's text, not a continuation of the prompt.
+        self.seq2seq = meta["model"] == "t5"
+
+    def __call__(self, prompts: list[str], seed: int) -> list[dict]:
+        a = self.args
+        if self.seq2seq:
+            from megatron_lite.inference.seq2seq import encode_source, generate_seq2seq
+            outputs = generate_seq2seq(
+                self.model, [encode_source(self.tokenizer, p) for p in prompts], a.max_new_tokens,
+                eos_id=None if a.no_eos_stop else self.tokenizer.eos_id,
+                decoder_start_token_id=a.decoder_start_token_id, greedy=a.greedy,
+                temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                repetition_penalty=a.repetition_penalty, seed=seed)
+            return [{"prompt": p, "completion": self.tokenizer.decode(out), "ids": out}
+                    for p, out in zip(prompts, outputs)]
+        ids = [self.tokenizer.encode(p) for p in prompts]
+        empty = [p for p, i in zip(prompts, ids) if not i]
+        if empty:
+            raise SystemExit(f"prompt {empty[0]!r} encodes to no tokens")
+        outputs = generate(self.model, ids, a.max_new_tokens,
+                           eos_id=None if a.no_eos_stop else self.tokenizer.eod_id,
+                           greedy=a.greedy, temperature=a.temperature, top_k=a.top_k,
+                           top_p=a.top_p, repetition_penalty=a.repetition_penalty, seed=seed)
+        return [{"prompt": p, "completion": self.tokenizer.decode(out), "ids": out}
+                for p, out in zip(prompts, outputs)]
+
+    def text(self, r: dict) -> str:
+        if self.seq2seq:
+            return f"{r['prompt']}\t=> {r['completion']}"
+        return r["completion"] + r["prompt"] if self.backward else r["prompt"] + r["completion"]
+
+
+def _emit(gen: Generator, results: list[dict], args, out_file, rank0: bool):
+    if not rank0:
+        return
+    for r in results:
+        line = json.dumps({"prompt": r["prompt"], "completion": r["completion"]},
+                          ensure_ascii=False)
+        print(line if args.json else gen.text(r), flush=True)
+        if out_file is not None:
+            out_file.write(line + "\n")
+            out_file.flush()
+
+
+def _read_interactive(rank0: bool) -> str | None:
+    """The next prompt typed on rank 0, shared with every rank; None ends the loop."""
+    line = None
+    if rank0:
+        try:
+            line = input("Context prompt (stop to exit) >>> ")
+        except EOFError:
+            line = None
+        if line is not None and line.strip().lower() in STOP_WORDS:
+            line = None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [line]
+        dist.broadcast_object_list(box, src=0)
+        line = box[0]
+    return line
 
 
 def main(argv=None):
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if not args.prompt:
-        raise SystemExit("give at least one --prompt")
+    if args.export:
+        fmt, out_dir = args.export
+        if fmt != "safetensors":
+            raise SystemExit(f"--export {fmt}: the supported format is safetensors")
+        try:
+            export_safetensors(args.load, out_dir, tag=args.tag)
+        except (ValueError, FileExistsError) as e:
+            raise SystemExit(f"error: {e}") from None
+        print(f"exported {args.load} to {out_dir} (model.safetensors, config.json, tokenizer/)")
+        return out_dir
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size {args.batch_size} must be >= 1")
+    prompts = list(args.prompt)
+    if args.input_file:
+        prompts += read_prompts(args.input_file)
+
     owns_dist = init_distributed()
     try:
         ps = ParallelState.from_world(dist.get_world_size())
-        model, tokenizer, meta = load_model(args.load, ps, args.tag)
-        # A backward (LingLong-Backward) model writes the text that comes before the prompt.
-        backward = bool(meta["model_config"].get("backward", False))
-        prompts = [tokenizer.encode(p) for p in args.prompt]
-        outputs = generate(model, prompts, args.max_new_tokens,
-                           eos_id=None if args.no_eos_stop else tokenizer.eod_id,
-                           greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                           seed=args.seed)
-        results = [{"prompt": p, "completion": tokenizer.decode(ids), "ids": ids}
-                   for p, ids in zip(args.prompt, outputs)]
-        if dist.get_rank() == 0:
-            for r in results:
-                if args.json:
-                    print(json.dumps({"prompt": r["prompt"], "completion": r["completion"]},
-                                     ensure_ascii=False), flush=True)
-                else:
-                    text = (r["completion"] + r["prompt"]) if backward else (r["prompt"] + r["completion"])
-                    print(text, flush=True)
+        rank0 = dist.get_rank() == 0
+        gen = Generator(*load_model(args.load, ps, args.tag), args)
+        out_file = open(args.output_file, "w", encoding="utf-8") if args.output_file and rank0 \
+            else None
+        results = []
+        try:
+            if prompts:
+                for start in range(0, len(prompts), args.batch_size):
+                    batch = gen(prompts[start:start + args.batch_size], args.seed)
+                    _emit(gen, batch, args, out_file, rank0)
+                    results += batch
+            else:
+                while (line := _read_interactive(rank0)) is not None:
+                    if not line.strip():
+                        continue
+                    batch = gen([line], args.seed + len(results))
+                    _emit(gen, batch, args, out_file, rank0)
+                    results += batch
+        finally:
+            if out_file is not None:
+                out_file.close()
         return results
     finally:
         if owns_dist and dist.is_initialized():

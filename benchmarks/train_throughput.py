@@ -24,6 +24,7 @@ import dataclasses
 import datetime
 import gc
 import logging
+import math
 import multiprocessing
 import os
 import platform
@@ -74,16 +75,16 @@ def parse_args(argv):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=["tiny", "linglong-106m"],
                    help="configs/gpt/<name>.yaml names or YAML paths (their model: section)")
-    p.add_argument("--seq-length", type=int, default=1024)
-    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--seq-length", type=int, default=1024, help="tokens per sample")
+    p.add_argument("--micro-batch-size", type=int, default=1, help="samples per step")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per model")
     p.add_argument("--steps", type=int, default=5, help="timed rounds (one step per model each)")
     p.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2, 3],
                    help="engine config configs/deepspeed/zero<N>.json")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                   help="torch threads (default: every core this process may use)")
+                   help="torch threads; every core this process may use unless set")
     p.add_argument("--peak-flops", type=float, default=None,
-                   help="peak FLOP/s for MFU (default: the cached fp32 matmul probe)")
+                   help="peak FLOP/s for MFU; unset: the cached fp32 matmul probe")
     p.add_argument("--hf-activation", default="gelu_new", choices=["gelu_new", "gelu_pytorch_tanh"],
                    help="GPT-2's own tanh GELU written as pointwise ops (gelu_new), or the same "
                         "function as one fused torch kernel, as ours uses (gelu_pytorch_tanh)")
@@ -174,13 +175,15 @@ def train_step(engine, variant: Variant, tokens: torch.Tensor) -> float:
     engine.backward(loss)
     engine.step()
     value = loss.item()
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise RuntimeError(f"{variant.key}: non-finite loss {value}; the timing would be meaningless")
     return value
 
 
 def count_params(module) -> int:
-    return sum(p.numel() for p in module.parameters())  # parameters() lists a tied weight once
+    # parameters() lists a tied weight once; under ZeRO-3 a parameter is an empty placeholder
+    # whose full size DeepSpeed keeps in ds_numel.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
 
 
 # ---------------------------------------------------------------------------- process setup
@@ -270,9 +273,8 @@ def timed_rounds(shape, todo, engines, cfg, args) -> tuple[dict, dict]:
     return wall, cpu
 
 
-def bench_shape(shape: str, args, tcfg: TrainingConfig, ds_path: str, ps: ParallelState,
-                peak: float) -> list[dict]:
-    cfg = load_shape(shape, args.seq_length)
+def bench_shape(shape: str, cfg: GPTConfig, args, tcfg: TrainingConfig, ds_path: str,
+                ps: ParallelState, peak: float) -> list[dict]:
     spec = get_model_spec("gpt")
     todo = variants(cfg, args.hf_activation)
     memory = {}
@@ -410,6 +412,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ds_path = os.path.join(ROOT, "configs", "deepspeed", f"zero{args.zero_stage}.json")
     if not os.path.isfile(ds_path):
         raise SystemExit(f"--zero-stage {args.zero_stage}: engine config {ds_path} is missing")
+    # Read every shape first: a typo should fail now, not after the first shape's run.
+    shapes = {shape: load_shape(shape, args.seq_length) for shape in args.shapes}
     steps_total = args.warmup + args.steps + 2
     # One micro-batch per step on one rank; a constant LR, so no schedule runs out mid-benchmark.
     tcfg = TrainingConfig(micro_batch_size=args.micro_batch_size,
@@ -427,8 +431,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         peak = peak_flops_per_rank(torch.float32, override=args.peak_flops)
         ps = ParallelState.from_world(1)
         rows = []
-        for shape in args.shapes:
-            rows += bench_shape(shape, args, tcfg, ds_path, ps, peak)
+        for shape, cfg in shapes.items():
+            rows += bench_shape(shape, cfg, args, tcfg, ds_path, ps, peak)
     finally:
         if owns_dist:
             dist.destroy_process_group()

@@ -49,3 +49,10 @@ def run_distributed(fn, world_size: int, *args, threads: int = 1):
                  nprocs=world_size, join=True)
         return [torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=False)
                 for r in range(world_size)]
+
+
+def run_entry_point(rank, world_size, module: str, argv: list[str]):
+    """A rank function for `run_distributed`: `module.main(argv)` of an entry point
+    (`pretrain_gpt`, `generate`, ...), importable from any test without pickling a local."""
+    import importlib
+    return importlib.import_module(module).main(argv)

@@ -71,6 +71,6 @@ set -x
 "${LAUNCH[@]}" "$ROOT/pretrain_gpt.py" "${MODEL_FLAGS[@]}" --tokenizer "$CKPT_TOKENIZER" \
     --load "$CKPT" --finetune --finetune-data "$DATA" --save "$SAVE" \
     --seq-length "$SEQ_LENGTH" --micro-batch-size $MICRO_BATCH --global-batch-size $GLOBAL_BATCH --train-iters 100 \
-    --lr 2e-4 --min-lr 2e-5 --lr-warmup-iters 10 --lr-decay-style cosine --log-interval 10 \
+    --lr 5e-4 --min-lr 5e-5 --lr-warmup-iters 10 --lr-decay-style cosine --log-interval 10 \
     --tensor-model-parallel-size "$MP_SIZE" \
     --deepspeed --deepspeed_config "$DS_CONFIG" "$@"

@@ -43,7 +43,8 @@ import torch  # noqa: E402
 from megatron_lite.checkpoint.checkpointing import (META_KEY, TOKENIZER_DIR,  # noqa: E402
                                                     model_state_path, read_latest_tag,
                                                     read_model_states, step_tag)
-from megatron_lite.data.tokenizer import SentencePieceTokenizer, load_tokenizer  # noqa: E402
+from megatron_lite.data.tokenizer import (SP_MODEL_FILE, SentencePieceTokenizer,  # noqa: E402
+                                          load_tokenizer)
 from megatron_lite.models.t5 import T5Config, T5Model  # noqa: E402
 from megatron_lite.parallel import (ParallelState, is_sharded, merge_shards,  # noqa: E402
                                     take_shard)
@@ -299,7 +300,8 @@ def write_checkpoint(out_dir: str, cfg: T5Config, shards: list[dict], tokenizer,
     meta = dict(model="t5", model_config=dataclasses.asdict(cfg), tokenizer_hash=tokenizer.hash,
                 vocab_size=cfg.vocab_size, padded_vocab_size=cfg.padded_vocab_size, tp_size=tp,
                 dp_size=1, step=0, consumed_samples=0, seed=0, skipped_steps=0,
-                partition_spec=partition_spec(cfg, tp), converted_from=os.path.abspath(source))
+                partition_spec=partition_spec(cfg, tp), converted_from=os.path.abspath(source),
+                weights_only=True)
     for rank, shard in enumerate(shards):
         # DeepSpeed's module-only load reads 'module' and 'dp_world_size'; the rest mirrors what
         # engine.save_checkpoint writes, minus optimizer and scheduler (hence --finetune).
@@ -381,8 +383,10 @@ def _export_tokenizer(tokenizer, out_dir: str):
               f"saved in {out_dir}/megatron_lite_tokenizer (load it with "
               "megatron_lite.data.tokenizer.load_tokenizer)", file=sys.stderr)
         return
-    with open(os.path.join(out_dir, "spiece.model"), "wb") as f:
-        f.write(tokenizer._proto)
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:  # our saved form holds the model file as is
+        tokenizer.save(tmp)
+        shutil.copyfile(os.path.join(tmp, SP_MODEL_FILE), os.path.join(out_dir, "spiece.model"))
     specials = {f"{role}_token": tokenizer.id_to_token(i)
                 for role, i in (("pad", tokenizer.pad_id), ("eos", tokenizer.eos_id),
                                 ("unk", tokenizer.unk_id)) if i is not None}

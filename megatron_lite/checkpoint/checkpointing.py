@@ -79,6 +79,8 @@ def save_checkpoint(engine, save_dir: str, step: int, metadata: dict, *, tokeniz
     _barrier()
     engine.save_checkpoint(save_dir, tag=tmp_tag, client_state={META_KEY: metadata},
                            save_latest=False)
+    if engine.zero_optimization_partition_weights():
+        _save_gathered_weights(engine, tmp_dir)
     _barrier()
     if rank == 0:
         if tokenizer is not None:
@@ -100,11 +102,46 @@ def save_checkpoint(engine, save_dir: str, step: int, metadata: dict, *, tokeniz
     return final_dir
 
 
+def _save_gathered_weights(engine, ckpt_dir: str):
+    """ZeRO-3's model-state files hold placeholders: write each TP rank's full weights, gathered
+    over its DP group, to `mp_rank_XX_model_states.pt` (with our metadata), where our tools
+    (generate.py, change_mp.py) read them. DeepSpeed's ZeRO-3 loader never opens that name."""
+    import deepspeed
+
+    ps = engine.mpu
+    writer = ps.get_data_parallel_rank() == 0  # one copy per TP rank
+    gathered = {}
+    module = {}
+    for name, tensor in engine.module.state_dict(keep_vars=True).items():
+        if id(tensor) not in gathered:
+            if hasattr(tensor, "ds_id"):  # a partitioned parameter: every DP rank joins the gather
+                with deepspeed.zero.GatheredParameters([tensor]):
+                    gathered[id(tensor)] = tensor.detach().cpu().clone() if writer else None
+            else:
+                gathered[id(tensor)] = tensor.detach().cpu().clone() if writer else None
+        module[name] = gathered[id(tensor)]
+    if writer:
+        # DeepSpeed's own record of this rank (placeholders in "module"), with the real weights:
+        # its zero_to_fp32.py reads every *_model_states.pt and expects DeepSpeed's fields.
+        tp_rank = ps.get_tensor_model_parallel_rank()
+        ds_path = os.path.join(ckpt_dir, f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt")
+        record = torch.load(ds_path, map_location="cpu", weights_only=True)
+        record["module"] = module
+        torch.save(record, model_state_path(ckpt_dir, tp_rank))
+
+
 def load_checkpoint(engine, load_dir: str, *, finetune: bool = False) -> dict:
     """Load the checkpoint `latest` names into `engine`; return our metadata.
 
     `finetune` loads the weights only (no optimizer, scheduler or data position)."""
     tag = read_latest_tag(load_dir)
+    if not finetune:
+        # A converted checkpoint (tools/convert_hf.py) has no optimizer state to resume from.
+        _, meta, ckpt_dir = read_model_states(load_dir, 0, tag=tag)
+        if meta.get("weights_only"):
+            raise ValueError(f"{ckpt_dir} holds weights only (converted from "
+                             f"{meta.get('converted_from', 'elsewhere')}), no optimizer state to "
+                             f"resume: load it with --finetune")
     path, client_state = engine.load_checkpoint(
         load_dir, tag=tag, load_module_only=finetune, load_optimizer_states=not finetune,
         load_lr_scheduler_states=not finetune)

@@ -18,11 +18,32 @@ the pad id), which is what its training batches used.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 from megatron_lite.inference.sampling import sample_next
 from megatron_lite.models.t5 import EncoderDecoderCache
 from megatron_lite.parallel import gather_full_logits
+
+
+_SENTINEL = re.compile(r"<extra_id_(\d+)>")
+
+
+def encode_source(tokenizer, text: str) -> list[int]:
+    """Ids of an encoder input, with `<extra_id_k>` written in the text turned into the
+    tokenizer's sentinel k, whether its sentinels live in the sentencepiece model (ours) or above
+    it (an HF T5 / LongLM vocabulary, which sentencepiece alone would split into pieces). No EOS
+    is appended: our objectives' encoder inputs have none."""
+    ids, pos = [], 0
+    for m in _SENTINEL.finditer(text):
+        if m.start() > pos:
+            ids += tokenizer.encode(text[pos:m.start()])
+        ids.append(tokenizer.sentinel_id(int(m.group(1))))
+        pos = m.end()
+    if pos < len(text):
+        ids += tokenizer.encode(text[pos:])
+    return ids
 
 
 def _as_source_list(source_ids) -> list[list[int]]:

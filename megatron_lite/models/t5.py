@@ -105,7 +105,8 @@ class T5Config:
 
     @property
     def decoder_start_id(self) -> int:
-        return self.pad_token_id if self.decoder_start_token_id is None else self.decoder_start_token_id
+        start = self.decoder_start_token_id
+        return self.pad_token_id if start is None else start
 
     @property
     def padded_vocab_size(self) -> int:
@@ -156,7 +157,8 @@ class T5Config:
             tp = f"tensor_model_parallel_size={tp_size}"
             need(self.num_attention_heads % tp_size == 0, "num_attention_heads",
                  f"must be divisible by {tp}")
-            need(self.ffn_hidden_size % tp_size == 0, "ffn_hidden_size", f"must be divisible by {tp}")
+            need(self.ffn_hidden_size % tp_size == 0, "ffn_hidden_size",
+                 f"must be divisible by {tp}")
             if self.padded_vocab_size % tp_size:
                 raise ValueError(f"padded vocabulary {self.padded_vocab_size} (vocab_size="
                                  f"{self.vocab_size} rounded to make_vocab_size_divisible_by="
@@ -275,7 +277,8 @@ class T5Attention(nn.Module):
         self.attention_dropout = cfg.attention_dropout
         self.rng, self.site = rng, site
         # T5's init (HF `_init_weights`): the query's std carries the missing 1/sqrt(d_kv).
-        self.q = ColumnParallelLinear(h, inner, ps, bias=False, init_std=f * (h * cfg.kv_channels) ** -0.5)
+        self.q = ColumnParallelLinear(h, inner, ps, bias=False,
+                                      init_std=f * (h * cfg.kv_channels) ** -0.5)
         self.kv = ColumnParallelLinear(h, 2 * inner, ps, bias=False, init_std=f * h ** -0.5)
         self.o = RowParallelLinear(inner, h, ps, bias=False, init_std=f * inner ** -0.5)
 
@@ -301,7 +304,8 @@ class T5Attention(nn.Module):
         if p > 0:
             # Heads differ per TP rank, so their dropout masks must too (tp_region=True).
             with self.rng.fork(self.site, tp_region=True):
-                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=1.0)
+                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p,
+                                                     scale=1.0)
         else:
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
         return self.o(ctx.transpose(1, 2).reshape(b, s, self.local_heads * self.d_kv))
@@ -489,8 +493,8 @@ class T5Model(nn.Module):
         keep = encoder_input_ids != self.cfg.pad_token_id
         return self.encoder(self.shared(encoder_input_ids), keep=keep), keep
 
-    def decode(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor, memory_keep: torch.Tensor,
-               cache: EncoderDecoderCache | None = None) -> torch.Tensor:
+    def decode(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor,
+               memory_keep: torch.Tensor, cache: EncoderDecoderCache | None = None) -> torch.Tensor:
         """Logits shard [b, s, V_pad/tp] of `decoder_input_ids` [b, s] (positions after those in
         `cache`, which receives this call's keys/values) attending to the encoder output."""
         self._check_ids(decoder_input_ids, "decoder_input_ids")
@@ -508,7 +512,8 @@ class T5Model(nn.Module):
         return self.decode(decoder_input_ids, memory, keep)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean cross entropy over `loss_mask`, number of loss tokens) for an encoder-decoder batch."""
+        """(mean cross entropy over `loss_mask`, number of loss tokens) of an encoder-decoder
+        batch."""
         missing = [k for k in ("encoder_input_ids", "decoder_input_ids", "labels", "loss_mask")
                    if k not in batch]
         if missing:

@@ -70,14 +70,15 @@ class DataConfig:
     """DataLoader worker processes per rank (0: load in the training process)."""
     finetune_data: Optional[str] = None
     """Fine-tuning jsonl, one {"prompt": ..., "text": ...} per line; the loss is on text only."""
-    truncate: Literal["left", "right"] = "left"
-    """Which end of an over-long fine-tuning sample to cut: left keeps the end of the prompt."""
+    truncate: Literal["left", "reject"] = "left"
+    """An over-long prompt/text pair: `left` cuts the start of the prompt (never the text),
+    `reject` stops with an error naming the file and line."""
 
     def __post_init__(self):
         _check(self.seq_length >= 1, f"seq_length must be at least 1, got {self.seq_length}")
         _check(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
-        _check(self.truncate in ("left", "right"),
-               f"truncate must be 'left' or 'right', got {self.truncate!r}")
+        _check(self.truncate in ("left", "reject"),
+               f"truncate must be 'left' or 'reject', got {self.truncate!r}")
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from megatron_lite.checkpoint.checkpointing import (load_checkpoint, read_latest_tag,
                                                     save_checkpoint)
+from megatron_lite.checkpoint.reshard import model_universal_checkpoint_info, resume_engine_config
 from megatron_lite.data.sampler import TrainingSampler, collate
 from megatron_lite.data.tokenizer import load_tokenizer
 from megatron_lite.models.registry import get_model_spec
@@ -63,6 +64,11 @@ def init_distributed() -> bool:
     if dist.is_initialized():
         return False
     if "RANK" not in os.environ:
+        if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+            raise ConfigError(
+                "SLURM started several tasks, but no launcher set RANK/WORLD_SIZE: each task would "
+                "train alone. Run one `deepspeed --no_ssh` launcher per node under srun (README, "
+                "\"Launching\")")
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     import deepspeed
@@ -165,7 +171,10 @@ def _train(run: RunConfig, spec, datasets_provider) -> dict:
     import deepspeed
 
     tcfg, dcfg = run.training, run.data
-    ps = ParallelState.from_world(tcfg.tensor_model_parallel_size)
+    try:
+        ps = ParallelState.from_world(tcfg.tensor_model_parallel_size)
+    except ValueError as e:  # a launch that TP x DP cannot fill: a usage error, not a crash
+        raise ConfigError(str(e)) from None
     rank0 = dist.get_rank() == 0
     check_batch_sizes(tcfg, ps.dp_size)
     grad_acc = tcfg.global_batch_size // (tcfg.micro_batch_size * ps.dp_size)
@@ -183,8 +192,12 @@ def _train(run: RunConfig, spec, datasets_provider) -> dict:
     model = spec.build(cfg, ps, rng)
     initialize_parameters(model, tcfg.seed, ps)
     model.checkpoint_activations = tcfg.checkpoint_activations
+    # DeepSpeed saves this attribute into every checkpoint, for its own ds_to_universal converter.
+    model.universal_checkpoint_info = model_universal_checkpoint_info(model, ps.tp_size)
 
     ds_config = build_deepspeed_config(tcfg, ps.dp_size, run.deepspeed_config)
+    if tcfg.load:  # a checkpoint change_mp.py resharded may need DeepSpeed's universal loading
+        ds_config = resume_engine_config(tcfg.load, ds_config, ps.tp_size, finetune=tcfg.finetune)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=ds_config, mpu=ps)
 

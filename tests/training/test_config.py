@@ -318,7 +318,7 @@ def test_deepspeed_launcher_arguments():
 
 def test_to_dict_round_trips_through_yaml(tmp_path):
     run = parse_config(["--num-layers", "3", "--lr", "3e-4", "--save", "s", "--window-sizes",
-                        "4,4", "--truncate", "right"], TinyModel)
+                        "4,4", "--truncate", "reject"], TinyModel)
     d = run.to_dict()
     d["model"]["window_sizes"] = list(d["model"]["window_sizes"])   # YAML has no tuples
     again = parse_config(["--config", write(tmp_path, "r.yaml", yaml.safe_dump(d))], TinyModel)

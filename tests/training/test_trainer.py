@@ -111,10 +111,15 @@ def test_nan_loss_skips_step_and_aborts_after_limit(gpt_data, tmp_path):
                                             iters=8), {1, 2, 3})
 
 
-def test_skipped_step_leaves_weights_untouched(gpt_data, tmp_path):
+@pytest.mark.parametrize("engine", ["plain", "zero2"])
+def test_skipped_step_leaves_weights_untouched(gpt_data, tmp_path, engine):
     """A run whose only step was skipped ends with the initial weights (lr 0), while the same
-    step taken for real moves them."""
+    step taken for real moves them: on DeepSpeed's plain path, where the trainer skips the
+    update, and under ZeRO, where DeepSpeed's own overflow check does."""
     flat = ["--lr-warmup-iters", "0", "--lr-decay-style", "constant"]
+    if engine == "zero2":
+        flat += ["--deepspeed", "--deepspeed_config",
+                 os.path.join(ROOT, "configs/deepspeed/zero2.json")]
     run_distributed(_train, 1, gpt_args(gpt_data, tmp_path / "skip", *flat, iters=1), {0})
     run_distributed(_train, 1, gpt_args(gpt_data, tmp_path / "init", *flat, "--lr", "0", "--min-lr", "0",
                                         iters=1))
@@ -173,3 +178,13 @@ def test_metrics_and_checkpoint_metadata(gpt_data, tmp_path):
     assert meta["model"] == "gpt" and meta["step"] == 3 and meta["consumed_samples"] == 24
     assert meta["padded_vocab_size"] % 128 == 0 and meta["vocab_size"] <= meta["padded_vocab_size"]
     assert (save / "global_step3" / "tokenizer").is_dir()
+
+
+def test_srun_without_a_launcher_is_refused(monkeypatch):
+    """Several SLURM tasks but no launcher: each would silently train alone; refuse instead."""
+    from megatron_lite.training.config import ConfigError
+    from megatron_lite.training.trainer import init_distributed
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    with pytest.raises(ConfigError, match="srun"):
+        init_distributed()

@@ -1,0 +1,61 @@
+"""What the launcher hands a rank, and what a rank does with it: hostfiles DeepSpeed can read,
+threads split between the ranks of a machine, a clear error for a world TP x DP cannot fill.
+(`--local_rank` is covered in tests/training/test_config.py.)"""
+import contextlib
+import io
+import os
+import subprocess
+import sys
+
+from megatron_lite.testing import free_port, run_distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_shipped_hostfiles_parse_in_deepspeed():
+    from deepspeed.launcher.runner import fetch_hostfile
+    example = fetch_hostfile(os.path.join(ROOT, "hostfiles", "example"))
+    assert dict(example) == {"worker-1": 8, "worker-2": 8}
+    assert dict(fetch_hostfile(os.path.join(ROOT, "hostfiles", "localhost"))) == {"localhost": 2}
+
+
+def test_ranks_split_the_cores_of_their_machine():
+    """Under the launcher (LOCAL_SIZE ranks on this machine) each rank takes its share of the
+    cores instead of one thread per core each. Two real ranks: DeepSpeed's shared-memory
+    collectives wait for LOCAL_SIZE local ranks to arrive."""
+    code = ("import os, torch, torch.distributed as dist\n"
+            "from megatron_lite.training.trainer import init_distributed\n"
+            "assert init_distributed()\n"
+            "print(torch.get_num_threads(), len(os.sched_getaffinity(0)))\n"
+            "dist.destroy_process_group()\n")
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                                       LOCAL_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=port))
+             for r in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        threads, cores = map(int, out.split()[-2:])
+        assert threads == max(1, cores // 2)
+
+
+def _run_entry_point(rank, world, argv):
+    import pretrain_gpt
+    from megatron_lite.training.trainer import run_main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = run_main(lambda: pretrain_gpt.main(argv))
+    return status, err.getvalue()
+
+
+def test_world_that_tp_cannot_fill_is_a_one_line_error(gpt_data):
+    argv = ["--config", os.path.join(ROOT, "configs/gpt/tiny.yaml"),
+            "--tokenizer", str(gpt_data / "tokenizer"),
+            "--train-data-prefix", str(gpt_data / "train"), "--tensor-model-parallel-size", "2"]
+    (status, err), = run_distributed(_run_entry_point, 1, argv)
+    assert status == 2
+    assert err.startswith("error: world size 1 is not divisible by tensor-model-parallel size 2")
+    assert "Traceback" not in err
