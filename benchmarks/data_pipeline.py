@@ -52,6 +52,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python benchmarks/data_pipeline.py` from a checkout
     sys.path.insert(0, ROOT)
 
+from benchmarks.report import update_section  # noqa: E402
+
 import torch  # noqa: E402
 
 SECTION = "## Data pipeline"
@@ -533,32 +535,8 @@ def render(pre_rows, obj_rows, args, argv, micro_batch, started, loads) -> str:
 
 
 def update_markdown(path: str, block: str) -> None:
-    """Put `block` in the generated part of SECTION of `path`, leaving everything else as it was.
-
-    Other scripts write their own sections of the same file, so only our markers' contents (or a
-    new section at the end) change; the file is replaced atomically."""
-    generated = f"{BEGIN}\n{block}\n{END}"
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    else:
-        text = ("# Benchmarks\n\nMeasured results of the scripts in `benchmarks/`; each section "
-                "says how to reproduce its figures.\n")
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + generated + rest.split(END, 1)[1]
-    elif SECTION in text:
-        # Generated figures go at the end of the section, after any hand-written text in it.
-        head, rest = text.split(SECTION, 1)
-        cut = rest.find("\n## ")
-        body, tail = (rest, "") if cut < 0 else (rest[:cut], rest[cut:])
-        text = head + SECTION + body.rstrip("\n") + "\n\n" + generated + "\n" + tail
-    else:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{generated}\n"
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write `block` into this script's section of `path` (benchmarks/report.py)."""
+    update_section(path, SECTION, BEGIN, END, block)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -35,6 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python benchmarks/reshard.py` from a checkout
     sys.path.insert(0, ROOT)
 
+from benchmarks.report import update_section  # noqa: E402
+
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
@@ -223,29 +225,8 @@ def render(rows, cfg, args, argv, source_bytes, n_params, started, loads) -> str
 
 
 def update_markdown(path: str, block: str) -> None:
-    """Put `block` in the generated part of our section of `path`; other sections (written by
-    other scripts) stay as they are; the file is replaced atomically."""
-    generated = f"{BEGIN}\n{block}\n{END}"
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    else:
-        text = ("# Benchmarks\n\nMeasured results of the scripts in `benchmarks/`; each section "
-                "says how to reproduce its figures.\n")
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + generated + rest.split(END, 1)[1]
-    elif SECTION in text:
-        head, rest = text.split(SECTION, 1)
-        cut = rest.find("\n## ")
-        body, tail = (rest, "") if cut < 0 else (rest[:cut], rest[cut:])
-        text = head + SECTION + body.rstrip("\n") + "\n\n" + generated + "\n" + tail
-    else:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{generated}\n"
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write `block` into this script's section of `path` (benchmarks/report.py)."""
+    update_section(path, SECTION, BEGIN, END, block)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -34,6 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python benchmarks/train_throughput_t5.py` from a checkout
     sys.path.insert(0, ROOT)
 
+from benchmarks.report import update_section  # noqa: E402
+
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
@@ -259,22 +261,8 @@ def render(rows, args, argv, ds_path, peak, started, load) -> str:
 
 
 def update_markdown(path: str, block: str) -> None:
-    """Put `block` in the generated part of SECTION of `path`, leaving everything else as it was."""
-    generated = f"{BEGIN}\n{block}\n{END}"
-    text = ""
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + generated + rest.split(END, 1)[1]
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text else "# Benchmarks\n\n") + \
-            f"{SECTION}\n\n{generated}\n"
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write `block` into this script's section of `path` (benchmarks/report.py)."""
+    update_section(path, SECTION, BEGIN, END, block)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
