@@ -14,16 +14,17 @@ from megatron_lite.models.blocks import KVCache
 from megatron_lite.parallel import gather_full_logits
 
 
-def _as_prompt_list(prompt_ids) -> list[list[int]]:
-    if len(prompt_ids) and isinstance(prompt_ids[0], int):
-        prompt_ids = [prompt_ids]
-    prompts = [list(p) for p in prompt_ids]
-    if not prompts:
-        raise ValueError("no prompts given")
-    for i, p in enumerate(prompts):
+def as_id_lists(ids, what: str = "prompt", hint: str = "a BOS/EOD id") -> list[list[int]]:
+    """One id list or several -> a non-empty list of non-empty id lists."""
+    if len(ids) and isinstance(ids[0], int):
+        ids = [ids]
+    lists = [list(p) for p in ids]
+    if not lists:
+        raise ValueError(f"no {what}s given")
+    for i, p in enumerate(lists):
         if not p:
-            raise ValueError(f"prompt {i} is empty: give at least one token (e.g. a BOS/EOD id)")
-    return prompts
+            raise ValueError(f"{what} {i} is empty: give at least one token (e.g. {hint})")
+    return lists
 
 
 @torch.no_grad()
@@ -44,7 +45,7 @@ def generate(model, prompt_ids, max_new_tokens: int, *, eos_id: int | None = Non
     precedes it, also in normal reading order, so `result + prompt` reads naturally.
     """
     cfg = model.cfg
-    prompts = _as_prompt_list(prompt_ids)
+    prompts = as_id_lists(prompt_ids)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     for i, p in enumerate(prompts):

@@ -22,6 +22,7 @@ import re
 
 import torch
 
+from megatron_lite.inference.generation import as_id_lists
 from megatron_lite.inference.sampling import sample_next
 from megatron_lite.models.t5 import EncoderDecoderCache
 from megatron_lite.parallel import gather_full_logits
@@ -46,18 +47,6 @@ def encode_source(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def _as_source_list(source_ids) -> list[list[int]]:
-    if len(source_ids) and isinstance(source_ids[0], int):
-        source_ids = [source_ids]
-    sources = [list(s) for s in source_ids]
-    if not sources:
-        raise ValueError("no source sequences given")
-    for i, s in enumerate(sources):
-        if not s:
-            raise ValueError(f"source {i} is empty: give at least one token (e.g. a sentinel)")
-    return sources
-
-
 @torch.no_grad()
 def generate_seq2seq(model, source_ids, max_new_tokens: int, *, eos_id: int | None = None,
                      decoder_start_token_id: int | None = None, greedy: bool = False,
@@ -71,7 +60,7 @@ def generate_seq2seq(model, source_ids, max_new_tokens: int, *, eos_id: int | No
     applies to the decoder's ids so far (start token included), as transformers does.
     """
     cfg = model.cfg
-    sources = _as_source_list(source_ids)
+    sources = as_id_lists(source_ids, "source", "a sentinel")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     for i, s in enumerate(sources):

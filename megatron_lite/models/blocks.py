@@ -165,3 +165,18 @@ class ParallelMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def check_tp_divisible(cfg, tp_size: int, ffn_size: int) -> None:
+    """A model config's heads, FFN width and padded vocabulary must split evenly across
+    `tp_size` ranks; the error names the field to change."""
+    tp = f"tensor_model_parallel_size={tp_size}"
+    if cfg.num_attention_heads % tp_size:
+        raise ValueError(f"num_attention_heads={cfg.num_attention_heads} must be divisible by {tp}")
+    if ffn_size % tp_size:
+        raise ValueError(f"ffn_hidden_size (resolved {ffn_size}) must be divisible by {tp}")
+    if cfg.padded_vocab_size % tp_size:
+        raise ValueError(f"padded vocabulary {cfg.padded_vocab_size} (vocab_size={cfg.vocab_size} "
+                         f"rounded to make_vocab_size_divisible_by="
+                         f"{cfg.make_vocab_size_divisible_by}) is not divisible by {tp}; choose "
+                         "make_vocab_size_divisible_by as a multiple of the TP size")

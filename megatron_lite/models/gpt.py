@@ -19,6 +19,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_lite.models.blocks import (KVCache, MaskCache, ParallelMLP, ParallelSelfAttention,
+                                         check_tp_divisible,
                                          layer_norm, position_embedding)
 from megatron_lite.models.registry import ModelSpec, register
 from megatron_lite.parallel import (ParallelState, RNGContext, VocabParallelEmbedding,
@@ -104,16 +105,7 @@ class GPTConfig:
             need(0 <= self.sparse_summary <= self.sparse_stride, "sparse_summary",
                  f"must be in [0, sparse_stride={self.sparse_stride}]")
         if tp_size is not None:
-            tp = f"tensor_model_parallel_size={tp_size}"
-            need(self.num_attention_heads % tp_size == 0, "num_attention_heads",
-                 f"must be divisible by {tp}")
-            need(self.ffn_size % tp_size == 0, "ffn_hidden_size",
-                 f"(resolved {self.ffn_size}) must be divisible by {tp}")
-            if self.padded_vocab_size % tp_size:
-                raise ValueError(f"padded vocabulary {self.padded_vocab_size} (vocab_size="
-                                 f"{self.vocab_size} rounded to make_vocab_size_divisible_by="
-                                 f"{self.make_vocab_size_divisible_by}) is not divisible by {tp}; "
-                                 "choose make_vocab_size_divisible_by as a multiple of the TP size")
+            check_tp_divisible(self, tp_size, self.ffn_size)
 
 
 class GPTLayer(nn.Module):

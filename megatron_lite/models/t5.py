@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from megatron_lite.models.blocks import KVCache
+from megatron_lite.models.blocks import KVCache, check_tp_divisible
 from megatron_lite.models.registry import ModelSpec, register
 from megatron_lite.parallel import (ColumnParallelLinear, ParallelState, RNGContext,
                                     RowParallelLinear, VocabParallelEmbedding, mark_replicated,
@@ -154,16 +154,7 @@ class T5Config:
                 need(value is None or value < self.vocab_size, field,
                      f"must be below vocab_size={self.vocab_size}")
         if tp_size is not None:
-            tp = f"tensor_model_parallel_size={tp_size}"
-            need(self.num_attention_heads % tp_size == 0, "num_attention_heads",
-                 f"must be divisible by {tp}")
-            need(self.ffn_hidden_size % tp_size == 0, "ffn_hidden_size",
-                 f"must be divisible by {tp}")
-            if self.padded_vocab_size % tp_size:
-                raise ValueError(f"padded vocabulary {self.padded_vocab_size} (vocab_size="
-                                 f"{self.vocab_size} rounded to make_vocab_size_divisible_by="
-                                 f"{self.make_vocab_size_divisible_by}) is not divisible by {tp}; "
-                                 "choose make_vocab_size_divisible_by as a multiple of the TP size")
+            check_tp_divisible(self, tp_size, self.ffn_hidden_size)
 
 
 @dataclass
