@@ -11,7 +11,8 @@ in `generate.py` and, with --keep-optimizer, resumes training (`--load`) at TARG
 size: ZeRO stage 0 keeps its optimizer inside the model states (resume at stage 0); ZeRO-1/2/3
 optimizer state is written in DeepSpeed's universal layout (resume at ZeRO-1/2, which the trainer
 loads by itself). Without --keep-optimizer the result holds weights only: fine-tune from it with
---finetune.
+--finetune. A checkpoint of a model defined outside megatron_lite needs the --model-module it was
+trained with.
 
 The output is written under a temporary name beside it and renamed when complete: on any error
 nothing is left behind. This tool does not import DeepSpeed.
@@ -22,6 +23,7 @@ import argparse
 import sys
 
 from megatron_lite.checkpoint.reshard import ReshardError, reshard_checkpoint
+from megatron_lite.models.registry import import_model_modules
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the one 'latest' names)")
     p.add_argument("--keep-optimizer", action="store_true",
                    help="also reshard the fp32 master weights and Adam moments, to resume training")
+    p.add_argument("--model-module", action="append", default=[], metavar="MODULE",
+                   help="import MODULE (dotted name or .py path) first: the checkpoint's model is "
+                        "defined there (repeatable)")
     p.add_argument("--quiet", action="store_true", help="print only errors")
     return p
 
@@ -43,9 +48,10 @@ def main(argv=None):
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
     try:
+        import_model_modules(args.model_module)
         result = reshard_checkpoint(args.ckpt_dir, args.target_mp, args.out, tag=args.tag,
                                     keep_optimizer=args.keep_optimizer, log=log)
-    except ReshardError as e:
+    except (ReshardError, ImportError) as e:
         print(f"error: {e}\n(nothing was written)", file=sys.stderr)
         raise SystemExit(1) from None
     optimizer = {"none": "weights only (fine-tune with --finetune)",

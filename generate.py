@@ -12,6 +12,12 @@ export it (merged TP=1 safetensors + config + tokenizer, no pickle), which loads
     python generate.py --load runs/demo --export safetensors runs/demo_export
 
 `scripts/generate_text.sh CKPT` reads the TP size from the checkpoint and launches this.
+
+How a model generates is its registry record's `generation` strategy: `causal` continues the
+prompt (GPT / LingLong; a backward model writes what precedes it), `seq2seq` writes a target for
+the prompt as source (T5: `<extra_id_k>` marks a span to fill); a model declaring `none` (an
+encoder) does not generate, and this script says so and exits with status 1. A checkpoint of a
+model defined outside megatron_lite needs the `--model-module` it was trained with.
 """
 from __future__ import annotations
 
@@ -27,9 +33,10 @@ from megatron_lite.checkpoint.checkpointing import TOKENIZER_DIR, read_model_sta
 from megatron_lite.data.tokenizer import load_tokenizer
 from megatron_lite.inference.export import export_safetensors, is_export, read_export
 from megatron_lite.inference.generation import generate
-from megatron_lite.models.registry import get_model_spec
+from megatron_lite.inference.seq2seq import encode_source, generate_seq2seq
+from megatron_lite.models.registry import get_model_spec, import_model_modules
 from megatron_lite.parallel import ParallelState, RNGContext
-from megatron_lite.training.trainer import init_distributed
+from megatron_lite.parallel.launch import destroy_distributed, init_distributed
 import megatron_lite.models  # noqa: F401  (registers the architectures)
 
 STOP_WORDS = ("stop", "exit", "quit")
@@ -61,33 +68,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", nargs=2, metavar=("FORMAT", "DIR"), default=None,
                    help="write the checkpoint as FORMAT (safetensors) to DIR and exit: merged "
                         "TP=1 weights, config.json and the tokenizer, loadable without pickle")
+    p.add_argument("--model-module", action="append", default=[], metavar="MODULE",
+                   help="import MODULE (dotted name or .py path) first: the checkpoint's model is "
+                        "defined there (repeatable)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
-def load_model(load_dir: str, ps: ParallelState, tag: str | None = None):
-    """(model, tokenizer, metadata) of a checkpoint or an export, built at `ps`'s TP size."""
+def read_model(load_dir: str, ps: ParallelState, tag: str | None = None):
+    """(this rank's state dict, spec, config dict, tokenizer dir) of a checkpoint or an export."""
     if is_export(load_dir):
         state, meta = read_export(load_dir, ps)
+        model, model_config, module = meta["model"], meta["model_config"], meta.get("model_module")
         tokenizer_dir = os.path.join(load_dir, TOKENIZER_DIR)
     else:
         state, meta, ckpt_dir = read_model_states(load_dir, ps.tp_rank, tag=tag)
-        if meta["tp_size"] != ps.tp_size:
+        if meta.tp_size != ps.tp_size:
             raise SystemExit(
-                f"{ckpt_dir} was saved at tensor-parallel size {meta['tp_size']} but this run has "
-                f"{ps.tp_size} rank(s). Run it with {meta['tp_size']} rank(s) (deepspeed --num_gpus "
-                f"{meta['tp_size']} generate.py ...), or reshard it: python change_mp.py {load_dir} "
+                f"{ckpt_dir} was saved at tensor-parallel size {meta.tp_size} but this run has "
+                f"{ps.tp_size} rank(s). Run it with {meta.tp_size} rank(s) (deepspeed --num_gpus "
+                f"{meta.tp_size} generate.py ...), or reshard it: python change_mp.py {load_dir} "
                 f"{ps.tp_size}")
+        model, model_config, module = meta.model, meta.model_config, meta.model_module
         tokenizer_dir = os.path.join(ckpt_dir, TOKENIZER_DIR)
-    spec = get_model_spec(meta["model"])
-    if spec.objective not in ("causal_lm", "t5_mixed"):
-        raise SystemExit(f"{load_dir} holds a '{meta['model']}' model; generate.py generates with "
-                         f"the causal decoders (objective causal_lm) and T5 only")
-    cfg = spec.config_cls(**meta["model_config"])
+    try:
+        spec = get_model_spec(model, where=load_dir, module=module)
+    except KeyError as e:
+        raise SystemExit(f"error: {e.args[0]}") from None
+    return state, spec, model_config, tokenizer_dir
+
+
+def load_model(load_dir: str, ps: ParallelState, tag: str | None = None):
+    """(model, tokenizer, spec) of a checkpoint or an export, built at `ps`'s TP size."""
+    state, spec, model_config, tokenizer_dir = read_model(load_dir, ps, tag)
+    if spec.generation == "none":
+        raise SystemExit(f"{load_dir} holds a '{spec.name}' model, which does not generate text "
+                         f"(its registry record declares generation 'none': an encoder). "
+                         f"Evaluate it, or fine-tune it for a task, instead")
+    if spec.generation not in GENERATORS:
+        raise SystemExit(f"{load_dir} holds a '{spec.name}' model, whose generation strategy "
+                         f"'{spec.generation}' this generate.py does not implement")
+    cfg = spec.make_config(model_config)
     model = spec.build(cfg, ps, RNGContext(0, dp_rank=ps.dp_rank, tp_rank=ps.tp_rank))
     model.load_state_dict(state, strict=True)
     model.eval()
-    return model, load_tokenizer(tokenizer_dir), meta
+    return model, load_tokenizer(tokenizer_dir), spec
 
 
 def read_prompts(path: str) -> list[str]:
@@ -114,43 +139,58 @@ def read_prompts(path: str) -> list[str]:
 
 
 class Generator:
-    """A loaded model plus the sampling settings of the command line."""
+    """A loaded model plus the sampling settings of the command line; one subclass per
+    generation strategy."""
 
-    def __init__(self, model, tokenizer, meta, args):
+    def __init__(self, model, tokenizer, args):
         self.model, self.tokenizer, self.args = model, tokenizer, args
-        # A backward (LingLong-Backward) model writes the text that comes before the prompt.
-        self.backward = bool(meta["model_config"].get("backward", False))
-        # T5: the prompt is the encoder's input (`<extra_id_k>` marks a span to fill) and the
-        # output the decoder's text, not a continuation of the prompt.
-        self.seq2seq = meta["model"] == "t5"
+
+    def sampling(self, seed: int) -> dict:
+        a = self.args
+        return dict(greedy=a.greedy, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                    repetition_penalty=a.repetition_penalty, seed=seed)
 
     def __call__(self, prompts: list[str], seed: int) -> list[dict]:
-        a = self.args
-        if self.seq2seq:
-            from megatron_lite.inference.seq2seq import encode_source, generate_seq2seq
-            outputs = generate_seq2seq(
-                self.model, [encode_source(self.tokenizer, p) for p in prompts], a.max_new_tokens,
-                eos_id=None if a.no_eos_stop else self.tokenizer.eos_id,
-                decoder_start_token_id=a.decoder_start_token_id, greedy=a.greedy,
-                temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                repetition_penalty=a.repetition_penalty, seed=seed)
-            return [{"prompt": p, "completion": self.tokenizer.decode(out), "ids": out}
-                    for p, out in zip(prompts, outputs)]
+        outputs = self.generate(prompts, seed)
+        return [{"prompt": p, "completion": self.tokenizer.decode(out), "ids": out}
+                for p, out in zip(prompts, outputs)]
+
+
+class CausalGenerator(Generator):
+    """Continues the prompt. A backward model (LingLong-Backward: its config's `backward`)
+    writes the text that comes before the prompt."""
+
+    def generate(self, prompts, seed):
         ids = [self.tokenizer.encode(p) for p in prompts]
         empty = [p for p, i in zip(prompts, ids) if not i]
         if empty:
             raise SystemExit(f"prompt {empty[0]!r} encodes to no tokens")
-        outputs = generate(self.model, ids, a.max_new_tokens,
-                           eos_id=None if a.no_eos_stop else self.tokenizer.eod_id,
-                           greedy=a.greedy, temperature=a.temperature, top_k=a.top_k,
-                           top_p=a.top_p, repetition_penalty=a.repetition_penalty, seed=seed)
-        return [{"prompt": p, "completion": self.tokenizer.decode(out), "ids": out}
-                for p, out in zip(prompts, outputs)]
+        eos = None if self.args.no_eos_stop else self.tokenizer.eod_id
+        return generate(self.model, ids, self.args.max_new_tokens, eos_id=eos,
+                        **self.sampling(seed))
 
     def text(self, r: dict) -> str:
-        if self.seq2seq:
-            return f"{r['prompt']}\t=> {r['completion']}"
-        return r["completion"] + r["prompt"] if self.backward else r["prompt"] + r["completion"]
+        backward = getattr(self.model.cfg, "backward", False)
+        return r["completion"] + r["prompt"] if backward else r["prompt"] + r["completion"]
+
+
+class Seq2SeqGenerator(Generator):
+    """The prompt is the encoder's input (`<extra_id_k>` marks a span to fill) and the output the
+    decoder's text, not a continuation of the prompt."""
+
+    def generate(self, prompts, seed):
+        eos = None if self.args.no_eos_stop else self.tokenizer.eos_id
+        return generate_seq2seq(
+            self.model, [encode_source(self.tokenizer, p) for p in prompts],
+            self.args.max_new_tokens, eos_id=eos,
+            decoder_start_token_id=self.args.decoder_start_token_id, **self.sampling(seed))
+
+    def text(self, r: dict) -> str:
+        return f"{r['prompt']}\t=> {r['completion']}"
+
+
+GENERATORS = {"causal": CausalGenerator, "seq2seq": Seq2SeqGenerator}
+"""Generation strategy (ModelSpec.generation) -> its generator."""
 
 
 def _emit(gen: Generator, results: list[dict], args, out_file, rank0: bool):
@@ -185,6 +225,10 @@ def _read_interactive(rank0: bool) -> str | None:
 def main(argv=None):
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.export:
+        try:
+            import_model_modules(args.model_module)
+        except ImportError as e:
+            raise SystemExit(f"error: {e}") from None
         fmt, out_dir = args.export
         if fmt != "safetensors":
             raise SystemExit(f"--export {fmt}: the supported format is safetensors")
@@ -200,11 +244,16 @@ def main(argv=None):
     if args.input_file:
         prompts += read_prompts(args.input_file)
 
+    try:
+        import_model_modules(args.model_module)
+    except ImportError as e:
+        raise SystemExit(f"error: {e}") from None
     owns_dist = init_distributed()
     try:
         ps = ParallelState.from_world(dist.get_world_size())
         rank0 = dist.get_rank() == 0
-        gen = Generator(*load_model(args.load, ps, args.tag), args)
+        model, tokenizer, spec = load_model(args.load, ps, args.tag)
+        gen = GENERATORS[spec.generation](model, tokenizer, args)
         out_file = open(args.output_file, "w", encoding="utf-8") if args.output_file and rank0 \
             else None
         results = []
@@ -226,8 +275,7 @@ def main(argv=None):
                 out_file.close()
         return results
     finally:
-        if owns_dist and dist.is_initialized():
-            dist.destroy_process_group()
+        destroy_distributed(owns_dist)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ afterwards: its merged tensors equal the source's, bit for bit.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import os
 import platform
@@ -41,7 +40,8 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from megatron_lite.checkpoint.checkpointing import META_KEY, model_state_path  # noqa: E402
-from megatron_lite.checkpoint.reshard import model_layout  # noqa: E402
+from megatron_lite.checkpoint.metadata import CheckpointMeta  # noqa: E402
+from megatron_lite.models import get_model_spec  # noqa: E402
 from megatron_lite.models.gpt import GPTConfig  # noqa: E402
 from megatron_lite.parallel import merge_shards, take_shard  # noqa: E402
 
@@ -85,7 +85,7 @@ def model_config(args) -> GPTConfig:
 
 def write_source(path: str, cfg: GPTConfig, tp: int) -> int:
     """A TP=`tp` checkpoint of random weights of `cfg`'s shape; returns its size in bytes."""
-    layout = model_layout("gpt", dataclasses.asdict(cfg), tp)
+    layout = get_model_spec("gpt").layout(cfg, tp)
     spec = {k: list(tag) for k, tag in layout.tags.items() if tag is not None}
     generator = torch.Generator().manual_seed(0)
     modules = [{} for _ in range(tp)]
@@ -97,10 +97,7 @@ def write_source(path: str, cfg: GPTConfig, tp: int) -> int:
         for r in range(tp):
             modules[r][key] = (take_shard(tensor, spec[key][0], tp, r, spec[key][1]).clone()
                                if key in spec else tensor)
-    meta = dict(model="gpt", model_config=dataclasses.asdict(cfg), tokenizer_hash=None,
-                vocab_size=cfg.vocab_size, padded_vocab_size=cfg.padded_vocab_size, tp_size=tp,
-                dp_size=1, step=1000, consumed_samples=0, seed=0, skipped_steps=0,
-                partition_spec=spec)
+    meta = CheckpointMeta.for_model(get_model_spec("gpt"), cfg, tp, step=1000).to_dict()
     ckpt = os.path.join(path, TAG)
     os.makedirs(ckpt)
     for r in range(tp):
@@ -243,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(src)
         log(f"writing a TP={args.source_tp} checkpoint of {args.config} to {src}")
         source_bytes = write_source(src, cfg, args.source_tp)
-        layout = model_layout("gpt", dataclasses.asdict(cfg), 1)
+        layout = get_model_spec("gpt").layout(cfg, 1)
         n_params = sum(torch.Size(s).numel() for s in layout.shapes.values())
         rows = []
         for target in args.targets:

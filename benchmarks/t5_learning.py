@@ -104,9 +104,9 @@ def judge(ckpt: str, valid_prefix: str, *, n_loss: int | None = None, n_generate
     from megatron_lite.training.config import parse_config
 
     state, meta, ckpt_dir = read_model_states(ckpt, 0)
-    if meta["tp_size"] != 1:
+    if meta.tp_size != 1:
         raise SystemExit(f"{ckpt}: judge a TP=1 checkpoint (reshard it with change_mp.py)")
-    cfg = T5Config(**meta["model_config"])
+    cfg = T5Config(**meta.model_config)
     model = T5Model(cfg, ParallelState.single(), RNGContext(0))
     model.load_state_dict(state)
     model.eval()
@@ -148,7 +148,7 @@ def judge(ckpt: str, valid_prefix: str, *, n_loss: int | None = None, n_generate
                 examples.append((tokenizer.decode(source), tokenizer.decode(out), good))
     return dict(valid_loss=valid_loss, unigram_entropy=entropy, margin=entropy - valid_loss,
                 loss_examples=n_loss, ordered=ok, generated=n_generate, examples=examples,
-                step=meta["step"],
+                step=meta.step,
                 passed=entropy - valid_loss >= LOSS_MARGIN and ok >= MIN_ORDERED * n_generate / 100)
 
 

@@ -45,8 +45,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megatron_lite.models import GPTConfig, GPTModel, get_model_spec  # noqa: E402
+from megatron_lite.models.gpt import flops_per_token  # noqa: E402
 from megatron_lite.parallel import ParallelState, RNGContext, initialize_parameters  # noqa: E402
-from megatron_lite.testing import free_port  # noqa: E402
+from megatron_lite.parallel.launch import free_port  # noqa: E402
 from megatron_lite.training.config import (TrainingConfig, build_deepspeed_config,  # noqa: E402
                                            parse_config)
 from megatron_lite.training.mfu import peak_flops_per_rank  # noqa: E402
@@ -130,24 +131,11 @@ def variants(cfg: GPTConfig, hf_activation: str = "gelu_new") -> list[Variant]:
     return out
 
 
-def hf_gpt2(cfg: GPTConfig, seed: int, activation: str = "gelu_new"):
-    """GPT-2 with our shape; its vocabulary is our padded one, so the head does the same matmul."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    hf_cfg = GPT2Config(
-        vocab_size=cfg.padded_vocab_size, n_positions=cfg.max_position_embeddings,
-        n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_attention_heads,
-        n_inner=cfg.ffn_size, activation_function=activation, layer_norm_epsilon=cfg.layernorm_epsilon,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=cfg.init_std,
-        tie_word_embeddings=True, use_cache=False, bos_token_id=None, eos_token_id=None,
-        attn_implementation="sdpa")  # the kernel our attention uses too
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(hf_cfg)
-
-
 def make_engine(variant: Variant, tcfg: TrainingConfig, ds_path: str, ps: ParallelState, seed: int):
     import deepspeed
     if variant.key == "hf":
-        module = hf_gpt2(variant.cfg, seed, variant.hf_activation)
+        torch.manual_seed(seed)
+        module = get_model_spec("gpt").benchmark_peer(variant.cfg, variant.hf_activation)
     else:
         module = GPTModel(variant.cfg, ps, RNGContext(seed, ps.dp_rank, ps.tp_rank))
         initialize_parameters(module, seed, ps)
@@ -165,15 +153,13 @@ def make_tokens(step: int, cfg: GPTConfig, micro_batch: int, seq_length: int, se
 
 
 def train_step(engine, variant: Variant, tokens: torch.Tensor) -> float:
+    # The same causal-LM batch for both; GPT2LMHeadModel shifts the labels itself (s - 1 targets
+    # against our s: a 0.1% gap), see GPT2Peer.
     inputs = tokens[:, :-1]
-    if variant.key == "hf":
-        # GPT2LMHeadModel shifts the labels itself (s - 1 targets against our s: a 0.1% gap).
-        loss = engine.module(input_ids=inputs, labels=inputs).loss
-    else:
-        b, s = inputs.shape
-        batch = {"input_ids": inputs, "labels": tokens[:, 1:],
-                 "loss_mask": torch.ones(b, s), "position_ids": torch.arange(s).expand(b, s)}
-        loss, _ = engine.module.loss(batch)
+    b, s = inputs.shape
+    batch = {"input_ids": inputs, "labels": tokens[:, 1:],
+             "loss_mask": torch.ones(b, s), "position_ids": torch.arange(s).expand(b, s)}
+    loss, _ = engine.module.loss(batch)
     engine.backward(loss)
     engine.step()
     value = loss.item()
@@ -277,7 +263,6 @@ def timed_rounds(shape, todo, engines, cfg, args) -> tuple[dict, dict]:
 
 def bench_shape(shape: str, cfg: GPTConfig, args, tcfg: TrainingConfig, ds_path: str,
                 ps: ParallelState, peak: float) -> list[dict]:
-    spec = get_model_spec("gpt")
     todo = variants(cfg, args.hf_activation)
     memory = {}
     for v in todo:
@@ -302,8 +287,8 @@ def bench_shape(shape: str, cfg: GPTConfig, args, tcfg: TrainingConfig, ds_path:
         gc.collect()
 
     n_tokens = args.micro_batch_size * args.seq_length
-    dense_flops = spec.flops_per_token(dataclasses.replace(cfg, sparse_attention=False),
-                                       args.seq_length)
+    dense_flops = flops_per_token(dataclasses.replace(cfg, sparse_attention=False),
+                                  args.seq_length)
     rows = []
     for v in todo:
         median = statistics.median(wall[v.key])
@@ -316,7 +301,7 @@ def bench_shape(shape: str, cfg: GPTConfig, args, tcfg: TrainingConfig, ds_path:
             shape=shape, key=v.key, model=v.model, attention=v.attention, params=params[v.key],
             step_s=median, step_s_min=min(wall[v.key]), step_s_max=max(wall[v.key]),
             cpu_s=statistics.median(cpu[v.key]),
-            tokens_per_s=tps, mfu=tps * spec.flops_per_token(v.cfg, args.seq_length) / peak,
+            tokens_per_s=tps, mfu=tps * flops_per_token(v.cfg, args.seq_length) / peak,
             mfu_dense_count=tps * dense_flops / peak, peak_rss_mb=peak_rss / 2**20,
             baseline_rss_mb=baseline / 2**20, ours_over_theirs=ratio,
             ours_over_theirs_cpu=cpu_ratio))
@@ -372,7 +357,7 @@ def render(rows: list[dict], args, argv: list[str], ds_path: str, tcfg: Training
         "Columns: *ours/theirs* is tokens/s of the row over tokens/s of GPT2LMHeadModel, the "
         "median of per-round ratios of wall-clock step times; in brackets the same ratio of "
         "process CPU times, which time spent descheduled by other jobs does not inflate. *MFU* counts 6·N + 12·L·H·Q·T model FLOPs per token "
-        "(`flops_per_token` of the `gpt` registry record) for every row; on the sparse row it "
+        "(`flops_per_token` of megatron_lite/models/gpt.py) for every row; on the sparse row it "
         "counts the keys the sparse pattern attends, while our masked SDPA still computes the "
         "full square there, and *MFU, dense count* is what the dense formula would claim. "
         "*Peak RSS* is the high-water mark of a fresh process that builds the model and its engine "

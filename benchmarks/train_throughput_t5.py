@@ -39,9 +39,10 @@ from benchmarks.report import update_section  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from megatron_lite.models import get_model_spec  # noqa: E402
 from megatron_lite.models.t5 import T5Config, T5DataConfig, T5Model, t5_flops  # noqa: E402
 from megatron_lite.parallel import ParallelState, RNGContext, initialize_parameters  # noqa: E402
-from megatron_lite.testing import free_port  # noqa: E402
+from megatron_lite.parallel.launch import free_port  # noqa: E402
 from megatron_lite.training.config import (TrainingConfig, build_deepspeed_config,  # noqa: E402
                                            parse_config)
 from megatron_lite.training.mfu import peak_flops_per_rank  # noqa: E402
@@ -94,27 +95,11 @@ def load_shape(shape: str) -> T5Config:
                                hidden_dropout=0.0, attention_dropout=0.0)
 
 
-def hf_t5(cfg: T5Config, seed: int):
-    """T5ForConditionalGeneration of our shape; its vocabulary is our padded one (same head)."""
-    from transformers import T5Config as HFConfig, T5ForConditionalGeneration
-    hf_cfg = HFConfig(vocab_size=cfg.padded_vocab_size, d_model=cfg.hidden_size,
-                      d_ff=cfg.ffn_hidden_size, d_kv=cfg.kv_channels,
-                      num_heads=cfg.num_attention_heads, num_layers=cfg.num_layers,
-                      num_decoder_layers=cfg.decoder_layers,
-                      relative_attention_num_buckets=cfg.relative_attention_num_buckets,
-                      relative_attention_max_distance=cfg.relative_attention_max_distance,
-                      dropout_rate=0.0, layer_norm_epsilon=cfg.layernorm_epsilon,
-                      feed_forward_proj=cfg.feed_forward_proj,
-                      tie_word_embeddings=cfg.tie_word_embeddings, use_cache=False,
-                      attn_implementation="sdpa")  # the kernel ours uses too
-    torch.manual_seed(seed)
-    return T5ForConditionalGeneration(hf_cfg)
-
-
 def make_engine(key: str, cfg: T5Config, tcfg: TrainingConfig, ds_path: str, ps, seed: int):
     import deepspeed
     if key == "hf":
-        module = hf_t5(cfg, seed)
+        torch.manual_seed(seed)
+        module = get_model_spec("t5").benchmark_peer(cfg)
     else:
         module = T5Model(cfg, ps, RNGContext(seed, ps.dp_rank, ps.tp_rank))
         initialize_parameters(module, seed, ps)
@@ -136,12 +121,7 @@ def make_batch(step: int, cfg: T5Config, args) -> dict:
 
 
 def train_step(engine, key: str, batch: dict) -> float:
-    if key == "hf":
-        loss = engine.module(input_ids=batch["encoder_input_ids"],
-                             decoder_input_ids=batch["decoder_input_ids"],
-                             labels=batch["labels"]).loss
-    else:
-        loss, _ = engine.module.loss(batch)
+    loss, _ = engine.module.loss(batch)  # ours, or the transformers peer (HFT5Peer)
     engine.backward(loss)
     engine.step()
     value = loss.item()

@@ -7,7 +7,6 @@ not oversubscribe two cores) and its return value comes back in a list indexed b
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 
@@ -15,12 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (bind to 0 and let the kernel pick)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_lite.parallel.launch import free_port
 
 
 def _worker(rank, fn, world_size, port, result_dir, threads, args):

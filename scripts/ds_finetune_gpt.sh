@@ -38,16 +38,17 @@ from megatron_lite.checkpoint.checkpointing import TOKENIZER_DIR, read_model_sta
 from megatron_lite.training.config import flag_name
 
 _, meta, ckpt_dir = read_model_states(sys.argv[1], 0)
-flags = []
-for name, value in meta["model_config"].items():
+# The checkpoint's model; a model of your own needs its --model-module among the extra flags.
+flags = ["--model", meta.model]
+for name, value in meta.model_config.items():
     if isinstance(value, bool):
         flags.append(flag_name(name) if value else "--no-" + flag_name(name)[2:])
     else:
         flags += [flag_name(name), "none" if value is None else
                   ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
-print(f"CKPT_TP={int(meta['tp_size'])}")
+print(f"CKPT_TP={int(meta.tp_size)}")
 print(f"CKPT_TOKENIZER={shlex.quote(os.path.join(ckpt_dir, TOKENIZER_DIR))}")
-print(f"CKPT_MAX_POSITIONS={int(meta['model_config'].get('max_position_embeddings') or 0)}")
+print(f"CKPT_MAX_POSITIONS={int(meta.model_config.get('max_position_embeddings') or 0)}")
 print("MODEL_FLAGS=(" + " ".join(shlex.quote(f) for f in flags) + ")")
 EOF
 ) || die "cannot read the checkpoint metadata of $CKPT (see the message above)"

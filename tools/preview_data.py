@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from megatron_lite.data.contract import IGNORE_INDEX, is_stream  # noqa: E402
 from megatron_lite.data.objectives import OBJECTIVES  # noqa: E402
 
 
@@ -48,43 +49,72 @@ def _prefix(path: str) -> str:
     return path
 
 
-def build_dataset(args, tokenizer):
-    """The objective named by args, with return_source on."""
-    if args.objective == "prompt_text":
-        from megatron_lite.data.objectives.prompt_text import PromptTextDataset
-        return PromptTextDataset(args.input, tokenizer, args.seq_length, return_source=True)
-
+def _indexed(args, tokenizer):
     from megatron_lite.data.indexed_dataset import IndexedDataset
     from megatron_lite.data.tokenizer import check_tokenizer_hash
     prefix = _prefix(args.input)
     ds = IndexedDataset(prefix)
     check_tokenizer_hash(ds.tokenizer_hash, tokenizer, prefix)
-    if args.objective == "causal_lm":
-        from megatron_lite.data.objectives.causal_lm import CausalLMDataset
-        return CausalLMDataset(ds, args.seq_length, tokenizer.eod_id, args.seed,
-                               backward=args.backward, return_source=True)
-    if args.objective == "xl_stream":
-        from megatron_lite.data.objectives.xl_stream import XLStreamBatcher
-        return XLStreamBatcher(ds, 1, args.seq_length, tokenizer.eod_id, args.seed)
-    from megatron_lite.data.objectives.continuation import ContinuationDataset, MixedT5Dataset
+    return ds
+
+
+def _prompt_text(args, tokenizer):
+    from megatron_lite.data.objectives.prompt_text import PromptTextDataset
+    return PromptTextDataset(args.input, tokenizer, args.seq_length, return_source=True)
+
+
+def _causal_lm(args, tokenizer):
+    from megatron_lite.data.objectives.causal_lm import CausalLMDataset
+    return CausalLMDataset(_indexed(args, tokenizer), args.seq_length, tokenizer.eod_id,
+                           args.seed, backward=args.backward, return_source=True)
+
+
+def _xl_stream(args, tokenizer):
+    from megatron_lite.data.objectives.xl_stream import XLStreamBatcher
+    return XLStreamBatcher(_indexed(args, tokenizer), 1, args.seq_length, tokenizer.eod_id,
+                           args.seed)
+
+
+def _span_corruption(args, tokenizer, ds=None):
     from megatron_lite.data.objectives.span_corruption import SpanCorruptionDataset
-    span = lambda: SpanCorruptionDataset(ds, tokenizer, args.seed,  # noqa: E731
-                                         max_source_length=args.seq_length, return_source=True)
-    cont = lambda: ContinuationDataset(  # noqa: E731
+    return SpanCorruptionDataset(ds or _indexed(args, tokenizer), tokenizer, args.seed,
+                                 max_source_length=args.seq_length, return_source=True)
+
+
+def _continuation(args, tokenizer, ds=None):
+    from megatron_lite.data.objectives.continuation import ContinuationDataset
+    ds = ds or _indexed(args, tokenizer)
+    return ContinuationDataset(
         ds, tokenizer, args.seed, max_source_length=args.seq_length,
-        max_target_length=span().max_target_length, return_source=True)
-    if args.objective == "span_corruption":
-        return span()
-    if args.objective == "continuation":
-        return cont()
-    if args.objective == "t5_mixed":
-        return MixedT5Dataset([span(), cont()], [1, 1], args.seed)
+        max_target_length=_span_corruption(args, tokenizer, ds).max_target_length,
+        return_source=True)
+
+
+def _t5_mixed(args, tokenizer):
+    from megatron_lite.data.objectives.continuation import MixedT5Dataset
+    ds = _indexed(args, tokenizer)
+    return MixedT5Dataset([_span_corruption(args, tokenizer, ds),
+                           _continuation(args, tokenizer, ds)], [1, 1], args.seed)
+
+
+def _wwm_mlm(args, tokenizer):
     from megatron_lite.data.objectives.wwm_mlm import WholeWordMaskDataset
-    return WholeWordMaskDataset(ds, tokenizer, args.seed, seq_length=args.seq_length,
-                                return_source=True)
+    return WholeWordMaskDataset(_indexed(args, tokenizer), tokenizer, args.seed,
+                                seq_length=args.seq_length, return_source=True)
 
 
-def example_ids(objective: str, sample: dict, pad_id: int) -> dict:
+BUILDERS = {"causal_lm": _causal_lm, "xl_stream": _xl_stream,
+            "span_corruption": _span_corruption, "continuation": _continuation,
+            "t5_mixed": _t5_mixed, "wwm_mlm": _wwm_mlm, "prompt_text": _prompt_text}
+"""Objective name (`megatron_lite.data.objectives.OBJECTIVES`) -> its dataset, return_source on."""
+
+
+def build_dataset(args, tokenizer):
+    """The objective named by args, with return_source on."""
+    return BUILDERS[args.objective](args, tokenizer)
+
+
+def example_ids(sample: dict, pad_id: int) -> dict:
     """A sample -> unpadded id lists: source_ids, input_ids, and target_ids or labels."""
     if "encoder_input_ids" in sample:
         enc = sample["encoder_input_ids"].tolist()
@@ -93,12 +123,10 @@ def example_ids(objective: str, sample: dict, pad_id: int) -> dict:
         n = int(sample["loss_mask"].sum())
         return {"source_ids": sample["source_ids"].tolist(), "input_ids": enc,
                 "target_ids": sample["labels"][:n].tolist()}
-    if objective == "wwm_mlm":
+    if "loss_mask" not in sample:  # masked LM (-100 labels): the real tokens, [CLS] to [SEP]
         n = int(sample["attention_mask"].sum())
-    elif objective == "prompt_text":
+    else:  # causal LM, prompt/text: inputs and labels of the window, without padding
         n = len(sample["source_ids"]) - 1
-    else:
-        n = len(sample["input_ids"])
     out = {"source_ids": sample["source_ids"].tolist(),
            "input_ids": sample["input_ids"][:n].tolist(), "labels": sample["labels"][:n].tolist()}
     if "loss_mask" in sample:
@@ -109,14 +137,14 @@ def example_ids(objective: str, sample: dict, pad_id: int) -> dict:
 def examples(args, tokenizer):
     """Yield (index, id dict) for the requested examples."""
     ds = build_dataset(args, tokenizer)
-    if args.objective == "xl_stream":
+    if is_stream(ds):
         for step in range(args.start, args.start + args.num):
             b = ds.batch(step)
             ids, labels = b["input_ids"][0].tolist(), b["labels"][0].tolist()
             yield step, {"source_ids": ids + labels[-1:], "input_ids": ids, "labels": labels}
         return
     for i in range(args.start, args.start + args.num):
-        yield i, example_ids(args.objective, ds[i], tokenizer.pad_id)
+        yield i, example_ids(ds[i], tokenizer.pad_id)
 
 
 def render_text(objective: str, index: int, ids: dict, tokenizer) -> str:
@@ -124,10 +152,10 @@ def render_text(objective: str, index: int, ids: dict, tokenizer) -> str:
              "input:  " + tokenizer.decode(ids["input_ids"])]
     if "target_ids" in ids:
         lines.append("target: " + tokenizer.decode(ids["target_ids"]))
-    elif objective == "wwm_mlm":
+    elif "loss_mask" not in ids:  # masked LM (-100 labels)
         # Shown with the [CLS]-based position of each predicted token.
         predicted = [f"[{t}]{tokenizer.decode([l])}" for t, l in enumerate(ids["labels"])
-                     if l != -100]
+                     if l != IGNORE_INDEX]
         lines.append("labels: " + " ".join(predicted))
     else:
         mask = ids.get("loss_mask", [1] * len(ids["labels"]))

@@ -42,15 +42,16 @@ import torch
 
 import megatron_lite.models  # noqa: F401  (registers the architectures)
 from megatron_lite.checkpoint.checkpointing import (META_KEY, TOKENIZER_DIR, list_step_tags,
-                                                    model_state_path, read_latest_tag)
-from megatron_lite.models.registry import get_model_spec
-from megatron_lite.parallel import ParallelState, RNGContext, is_sharded
+                                                    model_state_path, read_latest_tag,
+                                                    read_metadata, zero3_model_state_path)
+from megatron_lite.checkpoint.metadata import CheckpointMeta, MetadataError
+from megatron_lite.models.registry import Layout, get_model_spec
+from megatron_lite.parallel import take_shard
 
 UNIVERSAL_INFO_KEY = "universal_checkpoint_info"  # DeepSpeed's key in the model states
 UNIVERSAL_DIR = "zero"                             # DeepSpeed's universal layout: <tag>/zero/<param>/
 UNIVERSAL_VERSION = 0.4
 _STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
-ZERO3_MODEL_FILE = "zero_pp_rank_0_mp_rank_{tp:02d}_model_states.pt"
 
 # How our metadata records what change_mp.py did: meta["reshard"]["optimizer"] is one of these.
 OPT_NONE, OPT_NATIVE, OPT_UNIVERSAL = "none", "native", "universal"
@@ -95,6 +96,28 @@ def reshard_tensor(shards: list[torch.Tensor], dim: int, stride: int, target_siz
     if parts[0].shape == shards[0].shape:  # the same cut as a source shard: pass it through
         return _owned(shards[target_rank * piece // block])
     return parts[0].clone()
+
+
+def shard_state_dict(full: dict, spec, config, tp_size: int) -> list[dict]:
+    """Each TP rank's state dict, cut from a full (TP=1) one along the model's partition tags
+    (a converter's output: tools/convert_hf.py). A missing key or a wrong shape is an error
+    naming it."""
+    layout = spec.layout(config, tp_size)
+    shards = []
+    for rank in range(tp_size):
+        shard = {}
+        for key, want in layout.shapes.items():
+            if key not in full:
+                raise ReshardError(f"no weights for '{key}'")
+            t, tag = full[key], layout.tags[key]
+            if tag is not None:
+                t = take_shard(t, tag[0], tp_size, rank, tag[1])
+            if tuple(t.shape) != want:
+                raise ReshardError(f"'{key}' has shape {tuple(t.shape)} but the model expects "
+                                   f"{want} on TP rank {rank} of {tp_size}")
+            shard[key] = t.clone().contiguous()
+        shards.append(shard)
+    return shards
 
 
 def _merge(shards: list[torch.Tensor], tag) -> torch.Tensor:
@@ -166,7 +189,7 @@ class Source:
     load_dir: str
     tag: str
     ckpt_dir: str
-    meta: dict
+    meta: CheckpointMeta
     tp_size: int
     modules: list            # per TP rank: the module state dict
     states: list             # per TP rank: the whole model-state record
@@ -191,7 +214,7 @@ def open_checkpoint(load_dir: str, tag: str | None = None) -> Source:
         tags = ", ".join(t for _, t in list_step_tags(load_dir)) or "none"
         raise ReshardError(f"{ckpt_dir} does not exist (tags in {load_dir}: {tags})")
 
-    zero3_file = os.path.join(ckpt_dir, ZERO3_MODEL_FILE.format(tp=0))
+    zero3_file = zero3_model_state_path(ckpt_dir, 0)
     zero3 = os.path.isfile(zero3_file)
     first_path = model_state_path(ckpt_dir, 0)
     if zero3 and not os.path.isfile(first_path):
@@ -200,17 +223,16 @@ def open_checkpoint(load_dir: str, tag: str | None = None) -> Source:
                            f"trainer. Resume it at ZeRO-3 and save again, which writes "
                            f"{os.path.basename(first_path)}")
     first = _load(first_path, "the model states of tensor-parallel rank 0")
-    meta = first.get(META_KEY) if isinstance(first, dict) else None
-    if meta is None or "module" not in first:
+    raw = first.get(META_KEY) if isinstance(first, dict) else None
+    if raw is None or "module" not in first:
         raise ReshardError(f"{first_path} has no '{META_KEY}' metadata: it was not written by "
                            f"megatron_lite's trainer, so its partition tags and config are unknown "
                            f"and it cannot be resharded")
-    missing = [k for k in ("model", "model_config", "tp_size", "partition_spec",
-                           "padded_vocab_size") if k not in meta]
-    if missing:
-        raise ReshardError(f"{first_path}: the '{META_KEY}' metadata lacks {missing}; it was written "
-                           f"by an incompatible version")
-    tp = int(meta["tp_size"])
+    try:
+        meta = CheckpointMeta.from_dict(raw, first_path)
+    except MetadataError as e:
+        raise ReshardError(str(e)) from None
+    tp = meta.tp_size
     states = [first]
     for r in range(1, tp):
         path = model_state_path(ckpt_dir, r)
@@ -218,10 +240,10 @@ def open_checkpoint(load_dir: str, tag: str | None = None) -> Source:
         if not isinstance(state, dict) or META_KEY not in state or "module" not in state:
             raise ReshardError(f"{path} has no '{META_KEY}' metadata or no 'module' weights: it "
                                f"does not belong to this checkpoint")
-        if state[META_KEY].get("tp_size") != tp or state[META_KEY].get("step") != meta.get("step"):
+        if state[META_KEY].get("tp_size") != tp or state[META_KEY].get("step") != meta.step:
             raise ReshardError(f"{path} comes from another checkpoint (tp_size "
                                f"{state[META_KEY].get('tp_size')}, step {state[META_KEY].get('step')}; "
-                               f"rank 0 has tp_size {tp}, step {meta.get('step')})")
+                               f"rank 0 has tp_size {tp}, step {meta.step})")
         states.append(state)
     extra = model_state_path(ckpt_dir, tp)
     if os.path.exists(extra):
@@ -242,7 +264,7 @@ _OPTIM_RE = re.compile(r"^(?:bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim
 
 def _find_optimizer(src: Source) -> None:
     """Which optimizer state the checkpoint holds, and where."""
-    reshard_info = src.meta.get("reshard") or {}
+    reshard_info = src.meta.reshard or {}
     if reshard_info.get("optimizer") == OPT_UNIVERSAL:
         src.optimizer = "universal"
         return
@@ -259,28 +281,10 @@ def _find_optimizer(src: Source) -> None:
 # ---------------------------------------------------------------------------------------------
 # Validation against the model code
 
-@dataclass
-class Layout:
-    """What the model code says about a state dict at one TP size."""
-    shapes: dict           # state-dict key -> shape at this TP size
-    tags: dict             # state-dict key -> (dim, stride) or None (replicated / buffer)
-    alias: dict            # state-dict key -> the first key holding the same tensor (tied weights)
-    param_order: list      # parameter names in `named_parameters()` order (the optimizer's order)
-
-
-def model_layout(model_name: str, model_config: dict, tp_size: int) -> Layout:
-    """Shapes and partition tags of the model's state dict at `tp_size`, built on the meta
-    device (no memory); the model's own checks reject a TP size that divides nothing it must."""
-    spec = get_model_spec(model_name)
-    cfg = spec.config_cls(**model_config)
-    with torch.device("meta"):
-        model = spec.build(cfg, ParallelState.virtual(tp_size, 0), RNGContext(0))
-    shapes, tags, alias, first_key = {}, {}, {}, {}
-    for key, t in model.state_dict(keep_vars=True).items():
-        shapes[key] = tuple(t.shape)
-        tags[key] = (t.partition_dim, t.partition_stride) if is_sharded(t) else None
-        alias[key] = first_key.setdefault(id(t), key)
-    return Layout(shapes, tags, alias, [n for n, _ in model.named_parameters()])
+def model_layout(meta: CheckpointMeta, tp_size: int) -> Layout:
+    """The layout the registered model gives the checkpoint's config at `tp_size`."""
+    spec = get_model_spec(meta.model, module=meta.model_module)
+    return spec.layout(spec.make_config(meta.model_config), tp_size)
 
 
 @dataclass
@@ -300,29 +304,29 @@ def plan_reshard(src: Source, target_tp: int) -> Plan:
         raise ReshardError(f"TARGET_MP must be a positive integer, got {target_tp!r}")
     where = os.path.join(src.ckpt_dir, "mp_rank_00_model_states.pt")
     try:
-        get_model_spec(meta["model"])
+        get_model_spec(meta.model, module=meta.model_module)
     except KeyError as e:
         raise ReshardError(f"{where}: {e.args[0]}") from None
     try:
-        here = model_layout(meta["model"], meta["model_config"], src.tp_size)
+        here = model_layout(meta, src.tp_size)
     except (TypeError, ValueError) as e:
         raise ReshardError(f"{where}: the model config in its metadata does not build at its own "
                            f"tensor-parallel size {src.tp_size}: {e}") from None
     try:
-        there = model_layout(meta["model"], meta["model_config"], target_tp)
+        there = model_layout(meta, target_tp)
     except (TypeError, ValueError) as e:
         raise ReshardError(f"cannot reshard {src.ckpt_dir} to tensor-parallel size {target_tp}: "
                            f"{e}") from None
-    padded = int(meta["padded_vocab_size"])
+    padded = int(meta.padded_vocab_size)
     if padded % target_tp:
         raise ReshardError(f"cannot reshard to tensor-parallel size {target_tp}: the padded "
                            f"vocabulary ({padded}, recorded in the checkpoint and never re-padded) "
                            f"is not divisible by it")
 
-    recorded = {k: (int(v[0]), int(v[1])) for k, v in meta["partition_spec"].items()}
+    recorded = {k: (int(v[0]), int(v[1])) for k, v in meta.partition_spec.items()}
     unknown = sorted(set(recorded) - set(here.shapes))
     if unknown:
-        raise ReshardError(f"{where}: partition_spec names {unknown[:5]}, which the '{meta['model']}' "
+        raise ReshardError(f"{where}: partition_spec names {unknown[:5]}, which the '{meta.model}' "
                            f"model does not have")
     tags = {}
     for key in here.shapes:
@@ -330,7 +334,7 @@ def plan_reshard(src: Source, target_tp: int) -> Plan:
         tag = recorded.get(canon)
         if tag != here.tags[canon]:
             raise ReshardError(
-                f"{where}: {canon} is recorded as {_describe(tag)} but the '{meta['model']}' model "
+                f"{where}: {canon} is recorded as {_describe(tag)} but the '{meta.model}' model "
                 f"code shards it as {_describe(here.tags[canon])}; the checkpoint was written by "
                 f"a different version of the model")
         tags[key] = tag
@@ -340,14 +344,14 @@ def plan_reshard(src: Source, target_tp: int) -> Plan:
         missing = [k for k in here.shapes if k not in module]
         extra = [k for k in module if k not in here.shapes]
         if missing or extra:
-            raise ReshardError(f"{path}: its weights do not match the '{meta['model']}' model of its "
+            raise ReshardError(f"{path}: its weights do not match the '{meta.model}' model of its "
                                f"config (missing {missing[:5]}, unexpected {extra[:5]})")
         for key, want in here.shapes.items():
             got = tuple(module[key].shape)
             if got != want:
                 raise ReshardError(
                     f"{path}: {key} has shape {got}, but the config in the metadata "
-                    f"({_config_summary(meta['model_config'])}) gives {want} at tensor-parallel "
+                    f"({_config_summary(meta.model_config)}) gives {want} at tensor-parallel "
                     f"size {src.tp_size}: the weights and the metadata disagree")
     for key, tag in tags.items():
         if tag is not None:
@@ -432,7 +436,7 @@ def reshard_checkpoint(load_dir: str, target_tp: int, out_dir: str | None = None
             if opt_kind == OPT_UNIVERSAL:
                 # DeepSpeed's ZeRO-3 reads the model states of a universal checkpoint under
                 # ZeRO-3's file name: the same file, linked.
-                _link_or_copy(path, os.path.join(tag_dir, ZERO3_MODEL_FILE.format(tp=t)))
+                _link_or_copy(path, zero3_model_state_path(tag_dir, t))
         if opt_kind == OPT_UNIVERSAL:
             _write_universal(plan, os.path.join(tag_dir, UNIVERSAL_DIR), log)
         tokenizer = os.path.join(src.ckpt_dir, TOKENIZER_DIR)
@@ -465,8 +469,7 @@ def merged_state_dict(load_dir: str, tag: str | None = None):
     src = open_checkpoint(load_dir, tag)
     plan = plan_reshard(src, 1)
     record = _target_record(plan, 0, OPT_NONE)
-    meta = record[META_KEY]
-    meta.pop("reshard", None)
+    meta = CheckpointMeta.from_dict(record[META_KEY], src.ckpt_dir).replace(reshard=None)
     return record["module"], meta, src.ckpt_dir, plan.alias
 
 
@@ -504,11 +507,12 @@ def _target_record(plan: Plan, t: int, opt_kind: str) -> dict:
                                               for name in group) for group in record["param_shapes"]]
     if UNIVERSAL_INFO_KEY in record:
         record[UNIVERSAL_INFO_KEY] = universal_checkpoint_info(
-            plan.src.meta["partition_spec"], plan.target_shapes, plan.param_order, m)
-    meta = dict(src.meta)
-    meta["tp_size"] = m
-    meta["reshard"] = {"source_tp": src.tp_size, "optimizer": opt_kind}
-    record[META_KEY] = meta
+            plan.src.meta.partition_spec, plan.target_shapes, plan.param_order, m)
+    # Per-rank stream state belongs to the source's rank layout: a resharded run starts its
+    # streams afresh.
+    record[META_KEY] = src.meta.replace(
+        tp_size=m, reshard={"source_tp": src.tp_size, "optimizer": opt_kind},
+        stream_state=None).to_dict()
     return record
 
 
@@ -646,7 +650,7 @@ def _zero3_params(plan: Plan, shards: dict, dp_size: int):
     src = plan.src
     shapes = {}
     for tp in range(src.tp_size):
-        path = os.path.join(src.ckpt_dir, ZERO3_MODEL_FILE.format(tp=tp))
+        path = zero3_model_state_path(src.ckpt_dir, tp)
         shapes[tp] = _load(path, "DeepSpeed's ZeRO-3 model states")["param_shapes"]
     first = shards[(0, 0)]
     if first.get("partition_count", dp_size) != dp_size:
@@ -746,13 +750,11 @@ def universal_checkpoint_info(partition_spec: dict, shapes: dict, param_names: l
     return info
 
 
-def model_universal_checkpoint_info(model, tp_size: int) -> dict:
-    """`universal_checkpoint_info` of a built model (DeepSpeed saves a module attribute of that
-    name into every model-state file)."""
-    spec = {n: [p.partition_dim, p.partition_stride]
-            for n, p in model.named_parameters() if is_sharded(p)}
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    return universal_checkpoint_info(spec, shapes, list(shapes), tp_size)
+def layout_universal_checkpoint_info(layout: Layout, tp_size: int) -> dict:
+    """`universal_checkpoint_info` of a model's layout at `tp_size` (DeepSpeed saves a module
+    attribute of that name into every model-state file)."""
+    return universal_checkpoint_info(layout.partition_spec, layout.shapes, layout.param_order,
+                                     tp_size)
 
 
 def resume_engine_config(load_dir: str, ds_config: dict, tp_size: int, *,
@@ -765,9 +767,7 @@ def resume_engine_config(load_dir: str, ds_config: dict, tp_size: int, *,
     else (including checkpoints this cannot read) is left to the normal load path."""
     try:
         tag = read_latest_tag(load_dir)
-        state = torch.load(model_state_path(os.path.join(load_dir, tag), 0), map_location="cpu",
-                           weights_only=True, mmap=True)
-        info = state[META_KEY].get("reshard")
+        info = read_metadata(load_dir, tag).reshard
     except Exception:  # noqa: BLE001  (the trainer's own load reports unreadable checkpoints)
         return ds_config
     if not info or finetune:

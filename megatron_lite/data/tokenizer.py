@@ -30,6 +30,8 @@ import os
 import re
 from typing import Iterable, Sequence
 
+import numpy as np
+
 TOKENIZER_JSON = "tokenizer.json"
 SP_MODEL_FILE = "spiece.model"
 VOCAB_FILE = "vocab.txt"
@@ -102,6 +104,10 @@ class Tokenizer:
         """The saved files' canonical bytes: what `save` writes and `hash` digests."""
         raise NotImplementedError
 
+    def _surface(self, i: int) -> str:
+        """The text id `i` spells inside decoded text (for `char_lengths`)."""
+        raise NotImplementedError
+
     # -- shared --------------------------------------------------------------------------------
     def _role(self, role: str) -> int | None:
         if not hasattr(self, "_roles_cache"):
@@ -128,6 +134,19 @@ class Tokenizer:
                              f"has {len(ids)} sentinels (<extra_id_0>..<extra_id_{len(ids) - 1}>); "
                              f"train one with more (--num-sentinels) or use fewer spans")
         return ids[k]
+
+    def char_lengths(self) -> np.ndarray:
+        """Characters each id spells in decoded text: the denominator of bits per character.
+
+        Special tokens and sentinels spell none; the unknown token stands for one character it
+        replaced; a sentencepiece piece counts its word-boundary mark as the space it decodes to,
+        and a byte-fallback piece (a fraction of a character; rare in a trained vocabulary) none."""
+        if not hasattr(self, "_char_lengths"):
+            silent = self.special_ids() - {self.unk_id}
+            self._char_lengths = np.array(
+                [0 if i in silent else 1 if i == self.unk_id else len(self._surface(i))
+                 for i in range(self.vocab_size)], dtype=np.int64)
+        return self._char_lengths
 
     def special_ids(self) -> set[int]:
         ids = {i for i in self._special_token_ids().values() if i is not None}
@@ -236,6 +255,13 @@ class SentencePieceTokenizer(Tokenizer):
         if i == self.sp.unk_id() and token != self.sp.id_to_piece(i):
             return None
         return i
+
+    def _surface(self, i: int) -> str:
+        if i >= self._n or self.sp.is_control(i) or self.sp.is_unknown(i):
+            return self.id_to_token(i)
+        if self.sp.is_byte(i):
+            return ""  # a UTF-8 byte of a character spelled by several byte pieces
+        return self.sp.id_to_piece(i).replace("\u2581", " ")
 
     def _special_token_ids(self) -> dict[str, int | None]:
         def get(i):
@@ -419,6 +445,10 @@ class CharTokenizer(Tokenizer):
 
     def token_to_id(self, token: str) -> int | None:
         return self.vocab.get(token)
+
+    def _surface(self, i: int) -> str:
+        t = self.tokens[i]
+        return t[2:] if t.startswith("##") and len(t) > 2 else t
 
     def _special_token_ids(self) -> dict[str, int | None]:
         return {r: self.vocab[t] for r, t in self.special_tokens.items()}

@@ -26,7 +26,8 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 EXPORT_FORMAT = "megatron_lite.safetensors"
 # Metadata fields that describe the model (not the run that produced it) go into config.json.
-_CONFIG_FIELDS = ("model", "model_config", "vocab_size", "padded_vocab_size", "partition_spec",
+_CONFIG_FIELDS = ("model", "model_module", "model_config", "vocab_size", "padded_vocab_size",
+                  "partition_spec",
                   "tokenizer_hash", "step", "consumed_samples", "seed")
 
 
@@ -43,7 +44,8 @@ def export_safetensors(load_dir: str, out_dir: str, *, tag: str | None = None) -
         raise FileExistsError(f"{out_dir} already exists: remove it or choose another directory")
     state, meta, ckpt_dir, alias = merged_state_dict(load_dir, tag)
     tensors = {k: v.contiguous() for k, v in state.items() if alias[k] == k}
-    config = {"format": EXPORT_FORMAT, **{k: meta[k] for k in _CONFIG_FIELDS if k in meta},
+    fields = meta.to_dict()
+    config = {"format": EXPORT_FORMAT, **{k: fields[k] for k in _CONFIG_FIELDS},
               "aliases": {k: a for k, a in alias.items() if a != k}}
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)

@@ -40,7 +40,7 @@ def generate(model, prompt_ids, max_new_tokens: int, *, eos_id: int | None = Non
     run as one batch; different lengths run as separate batches, which keeps positions and the
     sparse pattern exactly as in training (no left padding).
 
-    Backward models (`model.cfg.backward`, LingLong-Backward) read text right to left. Give the
+    Backward models (a config with `backward` set, LingLong-Backward) read text right to left. Give the
     prompt in normal reading order: it is the text's *ending*. The result is the text that
     precedes it, also in normal reading order, so `result + prompt` reads naturally.
     """
@@ -57,7 +57,7 @@ def generate(model, prompt_ids, max_new_tokens: int, *, eos_id: int | None = Non
         if bad:
             raise ValueError(f"prompt {i} has ids outside the vocabulary [0, {cfg.vocab_size}): "
                              f"{bad[:5]}")
-    if cfg.backward:
+    if getattr(cfg, "backward", False):
         prompts = [p[::-1] for p in prompts]
 
     device = next(model.parameters()).device
@@ -80,7 +80,7 @@ def generate(model, prompt_ids, max_new_tokens: int, *, eos_id: int | None = Non
                 results[i] = out
     finally:
         model.train(was_training)
-    if cfg.backward:
+    if getattr(cfg, "backward", False):
         results = [r[::-1] for r in results]
     return results
 

@@ -18,7 +18,12 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from megatron_lite.models.blocks import (KVCache, MaskCache, ParallelMLP, ParallelSelfAttention,
+from megatron_lite.data.contract import Datasets
+from megatron_lite.data.indexed_dataset import IndexedDataset
+from megatron_lite.data.objectives.causal_lm import CausalLMDataset
+from megatron_lite.data.objectives.prompt_text import PromptTextDataset
+from megatron_lite.data.tokenizer import check_tokenizer_hash
+from megatron_lite.models.blocks import (MaskCache, ParallelMLP, ParallelSelfAttention,
                                          check_tp_divisible,
                                          layer_norm, position_embedding)
 from megatron_lite.models.registry import ModelSpec, register
@@ -275,9 +280,64 @@ def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
     return 6.0 * n_params + 12.0 * cfg.num_attention_heads * head_dim * keys
 
 
+def flops_per_sample(cfg: GPTConfig, data_cfg) -> float:
+    return flops_per_token(cfg, data_cfg.seq_length) * data_cfg.seq_length
+
+
 def build_gpt(cfg: GPTConfig, ps: ParallelState, rng: RNGContext) -> GPTModel:
     return GPTModel(cfg, ps, rng)
 
 
-register(ModelSpec(name="gpt", config_cls=GPTConfig, build=build_gpt,
-                   flops_per_token=flops_per_token, objective="causal_lm"))
+def gpt_datasets(run, tokenizer, model_cfg: GPTConfig, ps: ParallelState) -> Datasets:
+    """Causal-LM datasets over the indexed train/valid prefixes, or prompt/text fine-tuning."""
+    data, seed = run.data, run.training.seed
+    if tokenizer is None:
+        raise ValueError("no tokenizer: set data.tokenizer in the config or pass --tokenizer DIR")
+    if data.finetune_data:
+        train = PromptTextDataset(data.finetune_data, tokenizer, data.seq_length,
+                                  truncate=data.truncate, eod_id=tokenizer.eod_id)
+        return Datasets(train=train, valid=None)
+
+    def causal(prefix):
+        indexed = IndexedDataset(prefix)
+        check_tokenizer_hash(indexed.tokenizer_hash, tokenizer, prefix)
+        return CausalLMDataset(indexed, data.seq_length, tokenizer.eod_id, seed,
+                               reset_position_ids=data.reset_position_ids,
+                               reset_attention_mask=data.reset_attention_mask,
+                               eod_mask_loss=data.eod_mask_loss, backward=model_cfg.backward)
+
+    if not data.train_data_prefix:
+        raise ValueError("no training data: set data.train_data_prefix in the config or pass "
+                         "--train-data-prefix PREFIX (made by tools/preprocess_data.py)")
+    valid = causal(data.valid_data_prefix) if data.valid_data_prefix else None
+    return Datasets(train=causal(data.train_data_prefix), valid=valid)
+
+
+class GPT2Peer(nn.Module):
+    """transformers' GPT2LMHeadModel in a GPTConfig's shape (dense attention, SDPA, the padded
+    vocabulary, so its head does the same matmul), taking our causal-LM batches: the reference
+    the throughput benchmark times ours against. GPT-2 shifts the labels itself, so it predicts
+    s - 1 targets where ours predicts s (a 0.1% gap at s = 1024)."""
+
+    def __init__(self, cfg: GPTConfig, activation: str = "gelu_new"):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+        self.model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=cfg.padded_vocab_size, n_positions=cfg.max_position_embeddings,
+            n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_attention_heads,
+            n_inner=cfg.ffn_size, activation_function=activation,
+            layer_norm_epsilon=cfg.layernorm_epsilon, resid_pdrop=cfg.hidden_dropout,
+            embd_pdrop=cfg.hidden_dropout, attn_pdrop=cfg.attention_dropout,
+            initializer_range=cfg.init_std, tie_word_embeddings=True, use_cache=False,
+            bos_token_id=None, eos_token_id=None, attn_implementation="sdpa"))
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = batch["input_ids"]
+        loss = self.model(input_ids=ids, labels=ids).loss
+        return loss, torch.tensor(float(ids.numel() - ids.shape[0]))
+
+
+register(ModelSpec(
+    name="gpt", config_cls=GPTConfig, build=build_gpt, build_data=gpt_datasets,
+    objective="causal_lm", batch_keys=("input_ids", "labels", "loss_mask"),
+    flops_per_sample=flops_per_sample, generation="causal", benchmark_peer=GPT2Peer))

@@ -30,7 +30,12 @@ head-major ([heads, 2, d_kv] rows for the fused key/value), so a shard is a cont
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -39,13 +44,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from megatron_lite.data.config import DataConfig
+from megatron_lite.data.contract import Datasets
+from megatron_lite.data.indexed_dataset import IndexedDataset
+from megatron_lite.data.objectives.continuation import ContinuationDataset, MixedT5Dataset
+from megatron_lite.data.objectives.span_corruption import SpanCorruptionDataset
+from megatron_lite.data.tokenizer import SP_MODEL_FILE, SentencePieceTokenizer, check_tokenizer_hash
 from megatron_lite.models.blocks import KVCache, check_tp_divisible
-from megatron_lite.models.registry import ModelSpec, register
+from megatron_lite.models.registry import ConversionError, HFConverter, ModelSpec, register
 from megatron_lite.parallel import (ColumnParallelLinear, ParallelState, RNGContext,
                                     RowParallelLinear, VocabParallelEmbedding, mark_replicated,
                                     parallel_lm_logits, set_init, set_partition_tags,
                                     vocab_parallel_cross_entropy)
-from megatron_lite.training.config import DataConfig
 
 
 @dataclass
@@ -575,6 +585,293 @@ def build_t5(cfg: T5Config, ps: ParallelState, rng: RNGContext) -> T5Model:
     return T5Model(cfg, ps, rng)
 
 
-register(ModelSpec(name="t5", config_cls=T5Config, build=build_t5,
-                   flops_per_token=flops_per_token, objective="t5_mixed",
-                   tokens_per_sample=tokens_per_sample, flops_per_sample=flops_per_sample))
+# ---------------------------------------------------------------------------------------------
+# Data: LongLM's mixture of text infilling (span corruption) and conditional continuation.
+
+# Distinct seeds per objective: at the same index the two would otherwise draw the same numbers.
+_SPAN_SEED_OFFSET, _CONTINUATION_SEED_OFFSET = 0, 1
+
+
+def t5_objective_dataset(indexed, tokenizer, data: T5DataConfig, model_cfg: T5Config, seed: int,
+                         return_source: bool = False):
+    """The span-corruption / continuation mixture over one indexed dataset."""
+    common = dict(max_source_length=data.seq_length, max_target_length=data.decoder_seq_length,
+                  decoder_start_token_id=model_cfg.decoder_start_id, return_source=return_source)
+    parts, weights = [], []
+    if data.span_corruption_weight > 0:
+        parts.append(SpanCorruptionDataset(
+            indexed, tokenizer, seed + _SPAN_SEED_OFFSET, noise_density=data.noise_density,
+            mean_span_length=data.mean_noise_span_length, first_sentinel=data.first_sentinel,
+            **common))
+        weights.append(data.span_corruption_weight)
+    if data.continuation_weight > 0:
+        parts.append(ContinuationDataset(indexed, tokenizer, seed + _CONTINUATION_SEED_OFFSET,
+                                         sentinel=data.first_sentinel, **common))
+        weights.append(data.continuation_weight)
+    return parts[0] if len(parts) == 1 else MixedT5Dataset(parts, weights, seed=seed)
+
+
+def t5_datasets(run, tokenizer, model_cfg: T5Config, ps: ParallelState) -> Datasets:
+    """The mixture over the train and validation prefixes (validation uses the same mixture)."""
+    data, seed = run.data, run.training.seed
+    if tokenizer is None:
+        raise ValueError("no tokenizer: set data.tokenizer in the config or pass --tokenizer DIR "
+                         "(a sentencepiece or character tokenizer with sentinels)")
+    if tokenizer.pad_id != model_cfg.pad_token_id:
+        raise ValueError(f"the tokenizer's pad id is {tokenizer.pad_id} but model.pad_token_id is "
+                         f"{model_cfg.pad_token_id}: set --pad-token-id {tokenizer.pad_id} (the "
+                         "encoder masks positions holding the pad id)")
+    if data.finetune_data:
+        raise ValueError("data.finetune_data (prompt/text fine-tuning) is a GPT feature; T5 "
+                         "fine-tunes with --load CKPT --finetune on its pretraining objectives")
+    if not data.train_data_prefix:
+        raise ValueError("no training data: set data.train_data_prefix in the config or pass "
+                         "--train-data-prefix PREFIX (made by tools/preprocess_data.py)")
+
+    def mixed(prefix):
+        indexed = IndexedDataset(prefix)
+        check_tokenizer_hash(indexed.tokenizer_hash, tokenizer, prefix)
+        return t5_objective_dataset(indexed, tokenizer, data, model_cfg, seed)
+
+    valid = mixed(data.valid_data_prefix) if data.valid_data_prefix else None
+    return Datasets(train=mixed(data.train_data_prefix), valid=valid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face interop (tools/convert_hf.py): transformers' T5ForConditionalGeneration.
+#
+# Vocabulary: our `vocab_size` is the tokenizer's; the embedding is padded to a multiple of 128
+# (the HF table usually is too: t5's 32128 rows for 32100 ids). Import copies the HF rows that
+# fit and zero-fills the rest; export writes exactly `vocab_size` rows, so transformers never
+# samples a padding row. Sentinel ids are the tokenizer's own: an HF T5 vocabulary keeps its
+# sentinels at the top (`<extra_id_0>` highest), ours at 4..103.
+#
+# T5 versions: v1.0 / LongLM (ReLU, tied head scaled by d_model^-0.5) and v1.1 (gated GELU,
+# separate unscaled head). transformers 5.x always writes `tie_word_embeddings: true` and records
+# the head's scaling as `scale_decoder_outputs`; a separate head is recognised by an
+# `lm_head.weight` that differs from `shared.weight`.
+
+def _scaled_head(hf_cfg: dict) -> bool:
+    # transformers 5.x stores the v1.0 / v1.1 switch as scale_decoder_outputs; older versions as
+    # tie_word_embeddings (false for v1.1).
+    if "scale_decoder_outputs" in hf_cfg:
+        return bool(hf_cfg["scale_decoder_outputs"])
+    return hf_cfg.get("tie_word_embeddings", True) is not False
+
+
+def t5_config_from_hf(hf_cfg: dict, hf_sd: dict, tokenizer) -> T5Config:
+    """Our config from a transformers T5 config.json, checked against its weights and the
+    tokenizer that comes with it."""
+    if "shared.weight" not in hf_sd:
+        raise ConversionError("the weights have no shared.weight (the T5 embedding)")
+    rows = hf_sd["shared.weight"].shape[0]
+    if tokenizer.vocab_size > rows:
+        raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's "
+                              f"embedding only {rows} rows: they do not belong together")
+    scaled = _scaled_head(hf_cfg)
+    head = hf_sd.get("lm_head.weight")
+    if scaled and head is not None and not torch.equal(head, hf_sd["shared.weight"]):
+        raise ConversionError("the config scales the decoder output for a tied head (T5 v1.0) "
+                              "but lm_head.weight differs from shared.weight; this layout is not "
+                              "one T5 version uses")
+    proj = hf_cfg.get("feed_forward_proj", "relu")
+    if proj not in ("relu", "gated-gelu"):
+        raise ConversionError(f"config.json: feed_forward_proj {proj!r} is not supported; T5 "
+                              "v1.0 / LongLM use 'relu', v1.1 'gated-gelu'")
+    dropout = float(hf_cfg.get("dropout_rate", 0.1))
+    start = hf_cfg.get("decoder_start_token_id")
+    pad = int(hf_cfg.get("pad_token_id", 0) or 0)
+    if tokenizer.pad_id is not None and tokenizer.pad_id != pad:
+        raise ConversionError(f"config.json says pad_token_id={pad} but the tokenizer's pad id "
+                              f"is {tokenizer.pad_id}")
+    return T5Config(
+        vocab_size=tokenizer.vocab_size, num_layers=int(hf_cfg["num_layers"]),
+        num_decoder_layers=int(hf_cfg.get("num_decoder_layers") or hf_cfg["num_layers"]),
+        hidden_size=int(hf_cfg["d_model"]), ffn_hidden_size=int(hf_cfg["d_ff"]),
+        kv_channels=int(hf_cfg["d_kv"]), num_attention_heads=int(hf_cfg["num_heads"]),
+        relative_attention_num_buckets=int(hf_cfg.get("relative_attention_num_buckets", 32)),
+        relative_attention_max_distance=int(hf_cfg.get("relative_attention_max_distance", 128)),
+        layernorm_epsilon=float(hf_cfg.get("layer_norm_epsilon", 1e-6)),
+        hidden_dropout=dropout, attention_dropout=dropout, feed_forward_proj=proj,
+        tie_word_embeddings=scaled, initializer_factor=float(hf_cfg.get("initializer_factor", 1.0)),
+        pad_token_id=pad, decoder_start_token_id=None if start in (None, pad) else int(start))
+
+
+# Parameter layouts. HF keeps q, k, v as separate [inner, h] matrices; ours fuses k and v
+# head-major ([heads, 2, d_kv] rows) so that a TP shard is a contiguous block of whole heads.
+
+def _fuse_kv(k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    h = k.shape[1]
+    return torch.stack([k.view(heads, -1, h), v.view(heads, -1, h)], dim=1).reshape(-1, h)
+
+
+def _split_kv(kv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    h = kv.shape[1]
+    k, v = kv.view(heads, 2, -1, h).unbind(1)
+    return k.reshape(-1, h), v.reshape(-1, h)
+
+
+def _layer_map(cfg: T5Config, stack: str, i: int) -> list[tuple[str, str]]:
+    """(our name, HF name) of one layer's plain (1:1) parameters; q/k/v are handled apart."""
+    hf = f"{stack}.block.{i}.layer"
+    ours = f"{stack}.layers.{i}"
+    ff = 2 if stack == "decoder" else 1
+    pairs = [(f"{ours}.ln_attn.weight", f"{hf}.0.layer_norm.weight"),
+             (f"{ours}.attn.q.weight", f"{hf}.0.SelfAttention.q.weight"),
+             (f"{ours}.attn.o.weight", f"{hf}.0.SelfAttention.o.weight"),
+             (f"{ours}.ln_mlp.weight", f"{hf}.{ff}.layer_norm.weight"),
+             (f"{ours}.mlp.wo.weight", f"{hf}.{ff}.DenseReluDense.wo.weight")]
+    if cfg.feed_forward_proj == "gated-gelu":
+        pairs += [(f"{ours}.mlp.wi_0.weight", f"{hf}.{ff}.DenseReluDense.wi_0.weight"),
+                  (f"{ours}.mlp.wi_1.weight", f"{hf}.{ff}.DenseReluDense.wi_1.weight")]
+    else:
+        pairs.append((f"{ours}.mlp.wi.weight", f"{hf}.{ff}.DenseReluDense.wi.weight"))
+    if stack == "decoder":
+        pairs += [(f"{ours}.ln_cross.weight", f"{hf}.1.layer_norm.weight"),
+                  (f"{ours}.cross_attn.q.weight", f"{hf}.1.EncDecAttention.q.weight"),
+                  (f"{ours}.cross_attn.o.weight", f"{hf}.1.EncDecAttention.o.weight")]
+    return pairs
+
+
+def _kv_map(stack: str, i: int) -> list[tuple[str, str]]:
+    """(our fused kv name, HF attention prefix) of one layer's attentions."""
+    hf = f"{stack}.block.{i}.layer"
+    out = [(f"{stack}.layers.{i}.attn.kv.weight", f"{hf}.0.SelfAttention")]
+    if stack == "decoder":
+        out.append((f"{stack}.layers.{i}.cross_attn.kv.weight", f"{hf}.1.EncDecAttention"))
+    return out
+
+
+def _stacks(cfg: T5Config):
+    return (("encoder", cfg.num_layers), ("decoder", cfg.decoder_layers))
+
+
+def _resize_rows(table: torch.Tensor, rows: int) -> torch.Tensor:
+    out = torch.zeros(rows, table.shape[1], dtype=table.dtype)
+    n = min(rows, table.shape[0])
+    out[:n] = table[:n]
+    return out
+
+
+def t5_state_from_hf(hf_sd: dict, cfg: T5Config) -> dict[str, torch.Tensor]:
+    """Our full (TP=1) state dict from an HF T5 state dict."""
+    def get(name):
+        if name not in hf_sd:
+            raise ConversionError(f"the HF weights lack '{name}'; is this a "
+                                  f"T5ForConditionalGeneration with {cfg.num_layers} encoder and "
+                                  f"{cfg.decoder_layers} decoder layers?")
+        return hf_sd[name]
+
+    heads = cfg.num_attention_heads
+    sd = {"shared.weight": _resize_rows(get("shared.weight"), cfg.padded_vocab_size)}
+    for stack, n in _stacks(cfg):
+        sd[f"{stack}.relative_attention_bias"] = \
+            get(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+        sd[f"{stack}.final_ln.weight"] = get(f"{stack}.final_layer_norm.weight")
+        for i in range(n):
+            for ours, theirs in _layer_map(cfg, stack, i):
+                sd[ours] = get(theirs)
+            for ours, prefix in _kv_map(stack, i):
+                sd[ours] = _fuse_kv(get(f"{prefix}.k.weight"), get(f"{prefix}.v.weight"), heads)
+    if not cfg.tie_word_embeddings:
+        head = hf_sd.get("lm_head.weight", hf_sd["shared.weight"])
+        sd["lm_head.weight"] = _resize_rows(head, cfg.padded_vocab_size)
+    return {k: v.detach().clone().contiguous() for k, v in sd.items()}
+
+
+def t5_state_to_hf(sd: dict, cfg: T5Config) -> dict[str, torch.Tensor]:
+    """An HF T5 state dict (exactly vocab_size rows) from our full (TP=1) state dict."""
+    heads, vocab = cfg.num_attention_heads, cfg.vocab_size
+    hf = {"shared.weight": sd["shared.weight"][:vocab]}
+    for stack, n in _stacks(cfg):
+        hf[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = \
+            sd[f"{stack}.relative_attention_bias"]
+        hf[f"{stack}.final_layer_norm.weight"] = sd[f"{stack}.final_ln.weight"]
+        for i in range(n):
+            for ours, theirs in _layer_map(cfg, stack, i):
+                hf[theirs] = sd[ours]
+            for ours, prefix in _kv_map(stack, i):
+                hf[f"{prefix}.k.weight"], hf[f"{prefix}.v.weight"] = _split_kv(sd[ours], heads)
+    if not cfg.tie_word_embeddings:
+        hf["lm_head.weight"] = sd["lm_head.weight"][:vocab]
+    return {k: v.detach().clone().contiguous() for k, v in hf.items()}
+
+
+def hf_config_from_t5(cfg: T5Config, tokenizer) -> dict:
+    return {
+        "architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
+        "vocab_size": cfg.vocab_size, "d_model": cfg.hidden_size, "d_ff": cfg.ffn_hidden_size,
+        "d_kv": cfg.kv_channels, "num_heads": cfg.num_attention_heads,
+        "num_layers": cfg.num_layers, "num_decoder_layers": cfg.decoder_layers,
+        "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
+        "relative_attention_max_distance": cfg.relative_attention_max_distance,
+        "dropout_rate": cfg.hidden_dropout, "layer_norm_epsilon": cfg.layernorm_epsilon,
+        "initializer_factor": cfg.initializer_factor, "feed_forward_proj": cfg.feed_forward_proj,
+        # Read by every transformers version: false means v1.1's separate, unscaled head.
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "is_encoder_decoder": True, "use_cache": True, "pad_token_id": cfg.pad_token_id,
+        "eos_token_id": tokenizer.eos_id, "decoder_start_token_id": cfg.decoder_start_id,
+    }
+
+
+def save_t5_tokenizer(tokenizer, out_dir: str):
+    """The tokenizer as transformers' T5Tokenizer reads it (spiece.model + tokenizer_config)."""
+    if not isinstance(tokenizer, SentencePieceTokenizer):
+        # transformers' T5Tokenizer reads sentencepiece models only; keep ours beside the model.
+        tokenizer.save(os.path.join(out_dir, "megatron_lite_tokenizer"))
+        print(f"warning: a {tokenizer.kind} tokenizer has no transformers T5Tokenizer form; it is "
+              f"saved in {out_dir}/megatron_lite_tokenizer (load it with "
+              "megatron_lite.data.tokenizer.load_tokenizer)", file=sys.stderr)
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # our saved form holds the model file as is
+        tokenizer.save(tmp)
+        shutil.copyfile(os.path.join(tmp, SP_MODEL_FILE), os.path.join(out_dir, "spiece.model"))
+    specials = {f"{role}_token": tokenizer.id_to_token(i)
+                for role, i in (("pad", tokenizer.pad_id), ("eos", tokenizer.eos_id),
+                                ("unk", tokenizer.unk_id)) if i is not None}
+    # extra_ids: sentinels appended above the model (HF layout); 0 when they are in the model.
+    config = {"tokenizer_class": "T5Tokenizer", "extra_ids": tokenizer.num_extra_ids,
+              "model_max_length": 1_000_000, **specials}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+    with open(os.path.join(out_dir, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+        json.dump(specials, f, indent=2, ensure_ascii=False)
+
+
+class HFT5Peer(nn.Module):
+    """transformers' T5ForConditionalGeneration in a T5Config's shape (SDPA, the padded
+    vocabulary, so its head does the same matmul), taking our encoder-decoder batches: the
+    reference the throughput benchmark times ours against."""
+
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        from transformers import T5Config as HFConfig, T5ForConditionalGeneration
+        self.model = T5ForConditionalGeneration(HFConfig(
+            vocab_size=cfg.padded_vocab_size, d_model=cfg.hidden_size,
+            d_ff=cfg.ffn_hidden_size, d_kv=cfg.kv_channels, num_heads=cfg.num_attention_heads,
+            num_layers=cfg.num_layers, num_decoder_layers=cfg.decoder_layers,
+            relative_attention_num_buckets=cfg.relative_attention_num_buckets,
+            relative_attention_max_distance=cfg.relative_attention_max_distance,
+            dropout_rate=cfg.hidden_dropout, layer_norm_epsilon=cfg.layernorm_epsilon,
+            feed_forward_proj=cfg.feed_forward_proj,
+            tie_word_embeddings=cfg.tie_word_embeddings, use_cache=False,
+            attn_implementation="sdpa"))
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(input_ids=batch["encoder_input_ids"],
+                         decoder_input_ids=batch["decoder_input_ids"], labels=batch["labels"])
+        return out.loss, batch["loss_mask"].sum()
+
+
+T5_HF = HFConverter(
+    model_types=("t5",), config_from_hf=t5_config_from_hf, state_from_hf=t5_state_from_hf,
+    config_to_hf=hf_config_from_t5, state_to_hf=t5_state_to_hf, save_tokenizer=save_t5_tokenizer,
+    tokenizer_convention="transformers' T5Tokenizer appends </s> to every encoded text; our "
+                         "objectives' encoder inputs carry none.")
+
+register(ModelSpec(
+    name="t5", config_cls=T5Config, build=build_t5, build_data=t5_datasets,
+    objective="t5_mixed", data_config_cls=T5DataConfig,
+    batch_keys=("encoder_input_ids", "decoder_input_ids", "labels", "loss_mask"),
+    flops_per_sample=flops_per_sample, tokens_per_sample=tokens_per_sample,
+    generation="seq2seq", hf=T5_HF, benchmark_peer=HFT5Peer))

@@ -41,45 +41,15 @@ from typing import Any, Literal, Optional
 import torch
 import yaml
 
+from megatron_lite.data.config import DataConfig  # noqa: F401  (the data: section; re-exported)
+from megatron_lite.errors import ConfigError  # noqa: F401  (re-exported)
 
-class ConfigError(ValueError):
-    """A bad config file, flag or value; the message says where and what to do instead."""
+
 
 
 # ---------------------------------------------------------------------------------------------
 # The dataclasses
 # ---------------------------------------------------------------------------------------------
-
-@dataclass
-class DataConfig:
-    train_data_prefix: Optional[str] = None
-    """Indexed dataset prefix of the training split (P.bin / P.idx)."""
-    valid_data_prefix: Optional[str] = None
-    """Indexed dataset prefix of the validation split; None disables evaluation."""
-    tokenizer: Optional[str] = None
-    """Tokenizer directory (as written by tools/train_tokenizer.py)."""
-    seq_length: int = 256
-    """Tokens per training sample."""
-    reset_position_ids: bool = False
-    """Restart position ids at every document boundary inside a packed sample."""
-    reset_attention_mask: bool = False
-    """Stop attention across document boundaries inside a packed sample."""
-    eod_mask_loss: bool = False
-    """Give the end-of-document token no loss."""
-    num_workers: int = 0
-    """DataLoader worker processes per rank (0: load in the training process)."""
-    finetune_data: Optional[str] = None
-    """Fine-tuning jsonl, one {"prompt": ..., "text": ...} per line; the loss is on text only."""
-    truncate: Literal["left", "reject"] = "left"
-    """An over-long prompt/text pair: `left` cuts the start of the prompt (never the text),
-    `reject` stops with an error naming the file and line."""
-
-    def __post_init__(self):
-        _check(self.seq_length >= 1, f"seq_length must be at least 1, got {self.seq_length}")
-        _check(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
-        _check(self.truncate in ("left", "reject"),
-               f"truncate must be 'left' or 'reject', got {self.truncate!r}")
-
 
 @dataclass
 class TrainingConfig:
@@ -115,6 +85,9 @@ class TrainingConfig:
     """Seed of initialisation, dropout and data order."""
     tensor_model_parallel_size: int = 1
     """Ranks each layer is sharded over; the remaining ranks are data parallel."""
+    sequence_parallel_size: int = 1
+    """Ranks each sequence is split over, for models that split sequences (LongNet); world size
+    = tensor x sequence x data parallel sizes."""
     save: Optional[str] = None
     """Checkpoint directory; None saves nothing."""
     save_interval: Optional[int] = None
@@ -143,10 +116,13 @@ class TrainingConfig:
     """Hide the tqdm progress bar."""
     cpu_optimizer: bool = False
     """Require DeepSpeed's CPU Adam; it needs ZeRO-Offload (zero_optimization.offload_optimizer)."""
+    reset_stream_state: bool = False
+    """On resume, start every stream's model state (Transformer-XL's memory) afresh instead of
+    loading the checkpoint's (needed to resume at another parallel layout)."""
 
     def __post_init__(self):
         for name in ("micro_batch_size", "global_batch_size", "tensor_model_parallel_size",
-                     "log_interval", "max_skipped_steps"):
+                     "sequence_parallel_size", "log_interval", "max_skipped_steps"):
             value = getattr(self, name)
             _check(value >= 1, f"{name} must be at least 1, got {value}")
         for name in ("train_iters", "lr_warmup_iters", "eval_iters", "seed"):
@@ -187,6 +163,10 @@ class RunConfig:
     """--local_rank passed by the deepspeed launcher."""
     config_path: Optional[str] = None
     """The YAML the run was configured from (--config, else defaults_yaml)."""
+    model_name: Optional[str] = None
+    """--model: the registered architecture (an entry point may give a default)."""
+    model_modules: list = dataclasses.field(default_factory=list)
+    """--model-module: modules imported before the registry lookup (models of your own)."""
 
     def to_dict(self) -> dict:
         """The three sections as plain types: dumped to YAML, it configures the same run again."""
@@ -412,7 +392,7 @@ class _Parser(argparse.ArgumentParser):
 
 # Flags of the launcher and of this module; no dataclass field may take their names.
 _RESERVED = {"--config", "--deepspeed", "--deepspeed-config", "--deepspeed_config",
-             "--local-rank", "--local_rank", "--help", "-h"}
+             "--local-rank", "--local_rank", "--help", "-h", "--model", "--model-module"}
 
 
 def _build_parser(classes: dict[str, type], fields, hints
@@ -426,6 +406,7 @@ def _build_parser(classes: dict[str, type], fields, hints
                         help="DeepSpeed JSON with engine choices only (ZeRO, offload, precision)")
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int,
                         help="passed by the deepspeed launcher")
+    add_model_flags(parser)
     owners: dict[str, str] = {flag: "launcher" for flag in _RESERVED}
     dests = {}
     for section, cls in classes.items():
@@ -460,6 +441,31 @@ def _build_parser(classes: dict[str, type], fields, hints
                                    metavar=field.name.upper(),
                                    help=f"{help_text} ({_type_name(tp)})".strip())
     return parser, dests
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """--model and --model-module: which registered architecture, and the modules (of your own)
+    to import before looking it up."""
+    parser.add_argument("--model", dest="model_name", default=None, metavar="NAME",
+                        help="registered model to train (gpt, t5, ...; see README)")
+    parser.add_argument("--model-module", dest="model_modules", action="append", default=[],
+                        metavar="MODULE",
+                        help="import MODULE (a dotted name, or a path to a .py file) before "
+                             "looking the model up: a model defined outside megatron_lite "
+                             "registers itself there (repeatable)")
+
+
+def parse_model_choice(argv: list[str], default_model: str | None = None) -> tuple[str, list]:
+    """(--model NAME, [--model-module ...]) of a command line, before the model's config classes
+    are known (they decide the rest of the flags)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    add_model_flags(parser)
+    args, _ = parser.parse_known_args(argv)
+    name = args.model_name or default_model
+    if name is None:
+        raise ConfigError("command line: --model NAME is required (a registered model such as "
+                          "gpt or t5; --model-module MODULE for one of your own)")
+    return name, list(args.model_modules)
 
 
 def _class_fields(classes):
@@ -536,7 +542,8 @@ def parse_config(argv: list[str] | None, model_config_cls, *,
 
     return RunConfig(model=built["model"], data=built["data"], training=built["training"],
                      deepspeed=args.deepspeed, deepspeed_config=args.deepspeed_config,
-                     local_rank=args.local_rank, config_path=args.config or defaults_yaml)
+                     local_rank=args.local_rank, config_path=args.config or defaults_yaml,
+                     model_name=args.model_name, model_modules=list(args.model_modules))
 
 
 def check_batch_sizes(training: TrainingConfig, dp_size: int) -> int:
@@ -549,7 +556,7 @@ def check_batch_sizes(training: TrainingConfig, dp_size: int) -> int:
             f"global batch size {training.global_batch_size} is not divisible by micro batch size "
             f"{training.micro_batch_size} x data-parallel size {dp_size} = {per_step}: change "
             f"--global-batch-size or --micro-batch-size (data-parallel size is world size / "
-            f"--tensor-model-parallel-size)")
+            f"(--tensor-model-parallel-size x --sequence-parallel-size))")
     return training.global_batch_size // per_step
 
 

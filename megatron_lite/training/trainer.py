@@ -1,33 +1,48 @@
-"""The training loop every `pretrain_*.py` entry point shares.
+"""The training loop every model shares, driven by its registry record alone.
 
-An entry point names its model (a registry record) and supplies a datasets provider; this module
-does the rest: distributed setup, the DeepSpeed engine with our mpu, checkpoint save/resume,
-evaluation, logs, and the robustness a long run needs (NaN skips, SIGTERM saves, `--keep-last`).
+`pretrain(argv)` is the generic driver (`pretrain.py --model NAME`; `pretrain_gpt.py` and
+`pretrain_t5.py` only set a default model). It looks the model up (after importing any
+`--model-module`), parses the run's config with the model's config classes, and runs a
+`Trainer`:
+
+    setup       ParallelState (TP x SP x DP), tokenizer, model (TP-invariant init), the DeepSpeed
+                engine with our mpu, resume (weights, optimizer, data position, stream state),
+                the spec's data, logs
+    train_step  one optimizer step: grad accumulation, non-finite-loss skips
+    evaluate    validation loss, unigram entropy of the targets, bits per character
+    save        an atomic checkpoint with our metadata and per-rank stream state
+
+What the trainer knows of a model is its `ModelSpec`: the data it builds (map-style datasets
+walked by `TrainingSampler`, or a `BatchStream` whose position is saved), the batch keys its loss
+reads, its FLOPs per sample, whether it carries per-stream state and whether it splits sequences.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from megatron_lite.checkpoint.checkpointing import (load_checkpoint, read_latest_tag,
-                                                    save_checkpoint)
-from megatron_lite.checkpoint.reshard import model_universal_checkpoint_info, resume_engine_config
+                                                    save_checkpoint, stream_state_path)
+from megatron_lite.checkpoint.metadata import CheckpointMeta
+from megatron_lite.checkpoint.reshard import (layout_universal_checkpoint_info,
+                                              resume_engine_config)
+from megatron_lite.data.contract import bits_per_character, is_stream, predicted_targets
 from megatron_lite.data.sampler import TrainingSampler, collate
 from megatron_lite.data.tokenizer import load_tokenizer
-from megatron_lite.models.registry import get_model_spec
+from megatron_lite.errors import ConfigError
+from megatron_lite.models.registry import ModelSpec, get_model_spec, import_model_modules
 from megatron_lite.parallel import ParallelState, RNGContext, initialize_parameters
-from megatron_lite.testing import free_port
-from megatron_lite.training.config import (ConfigError, RunConfig, build_deepspeed_config, check_batch_sizes,
-                                           parse_config)
+from megatron_lite.parallel.launch import destroy_distributed, init_distributed
+from megatron_lite.training.config import (RunConfig, build_deepspeed_config, check_batch_sizes,
+                                           parse_config, parse_model_choice)
+from megatron_lite.training.engine import build_engine
 from megatron_lite.training.logger import MetricsLogger
 from megatron_lite.training.mfu import peak_flops_per_rank
 
@@ -50,82 +65,373 @@ class TrainingAborted(RuntimeError):
     """Raised when training cannot go on (e.g. too many non-finite losses in a row)."""
 
 
+def resolve_model(argv: list[str], default_model: str | None = None) -> ModelSpec:
+    """The spec `--model` names, after importing every `--model-module`."""
+    name, modules = parse_model_choice(argv, default_model)
+    try:
+        import_model_modules(modules)
+        return get_model_spec(name)
+    except (ImportError, KeyError) as e:
+        raise ConfigError(e.args[0] if e.args else str(e)) from None
+
+
+def pretrain(argv: list[str] | None = None, *, default_model: str | None = None) -> dict:
+    """Parse `argv`, train, and return a summary (final step, losses) for callers and tests."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    spec = resolve_model(argv, default_model)
+    run = parse_config(argv, spec.config_cls, data_config_cls=spec.data_config_cls)
+    owns_dist = init_distributed()
+    try:
+        return Trainer(run, spec).train()
+    finally:
+        destroy_distributed(owns_dist)
+
+
 @dataclass
-class Datasets:
-    """What a datasets provider returns: map-style datasets indexed by global sample index."""
-    train: object
-    valid: object | None = None
+class StepResult:
+    loss: float          # mean over the step's micro-batches and DP ranks; NaN when skipped
+    skipped: bool
+    seconds: float
+    grad_norm: float | None
 
 
-def init_distributed() -> bool:
-    """Initialise torch.distributed (gloo on CPU) unless a caller already did; True if we did.
+class Trainer:
+    """One run of one model: build everything in `__init__`, then `train()`."""
 
-    Without a launcher this is a one-rank world, so the same code runs as one plain process."""
-    if dist.is_initialized():
-        return False
-    if "RANK" not in os.environ:
-        if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    def __init__(self, run: RunConfig, spec: ModelSpec):
+        self.run, self.spec = run, spec
+        tcfg = self.tcfg = run.training
+        self.ps = self._parallel_state()
+        self.rank0 = dist.get_rank() == 0
+        self.grad_acc = check_batch_sizes(tcfg, self.ps.dp_size)
+        self.tokenizer = load_tokenizer(run.data.tokenizer) if run.data.tokenizer else None
+        self.cfg = self._model_config()
+
+        self.rng = RNGContext(tcfg.seed, dp_rank=self.ps.dp_rank, tp_rank=self.ps.tp_rank)
+        model = spec.build(self.cfg, self.ps, self.rng)
+        initialize_parameters(model, tcfg.seed, self.ps)
+        model.checkpoint_activations = tcfg.checkpoint_activations
+        self.layout = spec.layout(self.cfg, self.ps.tp_size)
+        # DeepSpeed saves this attribute into every checkpoint, for its own ds_to_universal.
+        model.universal_checkpoint_info = layout_universal_checkpoint_info(self.layout,
+                                                                           self.ps.tp_size)
+        ds_config = build_deepspeed_config(tcfg, self.ps.dp_size, run.deepspeed_config)
+        if tcfg.load:  # a checkpoint change_mp.py resharded may need DeepSpeed's universal load
+            ds_config = resume_engine_config(tcfg.load, ds_config, self.ps.tp_size,
+                                             finetune=tcfg.finetune)
+        self.engine, self.skippable = build_engine(model, ds_config, self.ps)
+
+        self.step, self.consumed, self.skipped_total = 0, 0, 0
+        self.stream_states: dict[int, object] = {}  # micro-batch slot -> the model's state
+        self.notes: list[str] = []  # said once the log is open
+        meta = self._load() if tcfg.load else None
+        self.data = spec.build_data(run, self.tokenizer, self.cfg, self.ps)
+        self.train_batches = self._train_batches(meta)
+        self.valid_start = self.data.valid.state_dict() if is_stream(self.data.valid) else None
+        self._checked_batch = False
+
+        log_dir = tcfg.log_dir or (os.path.join(tcfg.save, "logs") if tcfg.save else None)
+        self.logger = MetricsLogger(log_dir, enabled=self.rank0, total_steps=tcfg.train_iters,
+                                    initial_step=self.step,
+                                    progress_bar=not tcfg.no_progress_bar)
+        # Per sample, not seq_length x per token: an encoder-decoder's two stacks see different
+        # numbers of tokens (its registry record counts both, cross-attention included).
+        tokens, flops = spec.sample_cost(self.cfg, run.data)
+        self.tokens_per_step = tcfg.global_batch_size * tokens
+        self.flops_per_token = flops / tokens
+        # Every rank has the same threads and cores; rank 0's probe stands for all (cached).
+        self.peak = (peak_flops_per_rank(override=tcfg.peak_flops)
+                     if self.rank0 and tcfg.log_interval else None)
+        self.history = {"loss": [], "valid_loss": [], "valid_bpc": [], "skipped_steps": 0}
+        self.valid_entropy = None
+
+    # ------------------------------------------------------------------------------ setup
+    def _parallel_state(self) -> ParallelState:
+        tcfg = self.tcfg
+        if tcfg.sequence_parallel_size > 1 and not self.spec.splits_sequence:
+            raise ConfigError(f"--sequence-parallel-size {tcfg.sequence_parallel_size}: model "
+                              f"'{self.spec.name}' does not split sequences across ranks; use 1")
+        try:
+            return ParallelState.from_world(tcfg.tensor_model_parallel_size,
+                                            tcfg.sequence_parallel_size)
+        except ValueError as e:  # a launch that TP x SP x DP cannot fill: a usage error
+            raise ConfigError(str(e)) from None
+
+    def _model_config(self):
+        cfg, tokenizer = self.run.model, self.tokenizer
+        if tokenizer is not None and not getattr(cfg, "vocab_size", None):
+            cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size)
+        if tokenizer is not None and cfg.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"model.vocab_size {cfg.vocab_size} is smaller than the tokenizer's "
+                             f"{tokenizer.vocab_size} ({self.run.data.tokenizer}); leave it unset "
+                             f"to take the tokenizer's")
+        return cfg
+
+    def _load(self) -> CheckpointMeta:
+        tcfg = self.tcfg
+        meta = load_checkpoint(self.engine, tcfg.load, finetune=tcfg.finetune)
+        where = os.path.join(tcfg.load, read_latest_tag(tcfg.load))
+        self._check_resume_metadata(meta, where)
+        if not tcfg.finetune:
+            self.step, self.consumed = meta.step, meta.consumed_samples
+            self.skipped_total = meta.skipped_steps
+            if self.spec.stream_state:
+                self._load_stream_states(meta, where)
+        return meta
+
+    def _check_resume_metadata(self, meta: CheckpointMeta, where: str):
+        if meta.model != self.spec.name:
+            raise ValueError(f"{where} holds a '{meta.model}' model, not '{self.spec.name}'")
+        if meta.tp_size != self.ps.tp_size:
+            raise ValueError(
+                f"{where} was saved at tensor-parallel size {meta.tp_size}, this run uses "
+                f"{self.ps.tp_size}; reshard it first: python change_mp.py {self.tcfg.load} "
+                f"{self.ps.tp_size}")
+        tokenizer = self.tokenizer
+        if tokenizer is not None and meta.tokenizer_hash not in (None, tokenizer.hash):
+            raise ValueError(f"{where} was trained with tokenizer {meta.tokenizer_hash}, but "
+                             f"--tokenizer gives {tokenizer.hash}: use the checkpoint's tokenizer "
+                             f"({os.path.join(where, 'tokenizer')})")
+        for key, value in dataclasses.asdict(self.cfg).items():
+            if key in RUNTIME_MODEL_FIELDS or key not in meta.model_config:
+                continue
+            if meta.model_config[key] != value:
+                raise ValueError(f"{where}: model.{key} is {meta.model_config[key]!r} in the "
+                                 f"checkpoint but {value!r} in this run; drop the override or use "
+                                 f"the checkpoint's value")
+
+    def _stream_layout(self) -> dict:
+        ps = self.ps
+        return {"tp_size": ps.tp_size, "sp_size": ps.sp_size, "dp_size": ps.dp_size,
+                "slots": self.grad_acc}
+
+    def _load_stream_states(self, meta: CheckpointMeta, where: str):
+        if self.tcfg.reset_stream_state:
+            self.notes.append("every stream's model state starts afresh (--reset-stream-state)")
+            return
+        if meta.stream_state is None:
+            self.notes.append(f"{where} holds no per-stream model state (resharded or "
+                              f"converted): every stream starts afresh")
+            return
+        if meta.stream_state != self._stream_layout():
             raise ConfigError(
-                "SLURM started several tasks, but no launcher set RANK/WORLD_SIZE: each task would "
-                "train alone. Run one `deepspeed --no_ssh` launcher per node under srun (README, "
-                "\"Launching\")")
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-    import deepspeed
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               auto_mpi_discovery=False, verbose=False)
-    # One rank per core group: ranks sharing a machine split its cores instead of
-    # oversubscribing them (each would otherwise start a thread per core).
-    local_ranks = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE")
-                      or dist.get_world_size())
-    cores = len(os.sched_getaffinity(0))
-    torch.set_num_threads(max(1, cores // max(1, local_ranks)))
-    return True
+                f"{where}: its per-stream model state was saved at {meta.stream_state}, this run "
+                f"has {self._stream_layout()} (TP, SP, DP sizes and micro-batches per step); "
+                f"resume with that layout, or pass --reset-stream-state to start every stream "
+                f"afresh")
+        ps = self.ps
+        path = stream_state_path(where, ps.tp_rank, ps.sp_rank, ps.dp_rank)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: the checkpoint's per-stream state of "
+                                    f"this rank was not saved; pass --reset-stream-state to "
+                                    f"start every stream afresh")
+        self.stream_states = torch.load(path, map_location="cpu", weights_only=True)["slots"]
+
+    def _train_batches(self, meta: CheckpointMeta | None):
+        train = self.data.train
+        if is_stream(train):
+            if meta is not None and not self.tcfg.finetune and meta.data_state is not None:
+                train.load_state_dict(meta.data_state)
+            return train
+        sampler = TrainingSampler(len(train), self.tcfg.micro_batch_size, self.ps.dp_rank,
+                                  self.ps.dp_size, consumed_samples=self.consumed,
+                                  seed=self.tcfg.seed)
+        return (collate([train[i] for i in indices]) for indices in sampler)
+
+    def _valid_batches(self):
+        """The validation batches, the same ones at every evaluation."""
+        valid = self.data.valid
+        if is_stream(valid):
+            valid.load_state_dict(self.valid_start)
+            return valid
+        sampler = TrainingSampler(len(valid), self.tcfg.micro_batch_size, self.ps.dp_rank,
+                                  self.ps.dp_size, consumed_samples=0, seed=self.tcfg.seed,
+                                  shuffle=False)
+        return (collate([valid[i] for i in indices]) for indices in sampler)
+
+    # ------------------------------------------------------------------------------ steps
+    def _loss(self, batch: dict, slot: int, states: dict):
+        """(loss, predicted tokens) of one micro-batch; a stateful model's state for `slot`
+        goes in and its successor, detached, comes back into `states`."""
+        if not self._checked_batch:
+            self.spec.check_batch(batch)
+            self._checked_batch = True
+        module = self.engine.module
+        if not self.spec.stream_state:
+            return module.loss(batch)
+        loss, ntokens, state = module.loss(batch, states.get(slot))
+        states[slot] = _detached(state)
+        return loss, ntokens
+
+    def train_step(self) -> StepResult:
+        engine, tcfg = self.engine, self.tcfg
+        engine.train()
+        start = time.perf_counter()
+        losses, bad, grad_norm = [], False, None
+        for micro in range(self.grad_acc):
+            self.rng.set_step(self.step, micro)
+            batch = _to_device(next(self.train_batches), engine.device)
+            loss, _ = self._loss(batch, micro, self.stream_states)
+            # Every rank must agree, or ranks would take different paths.
+            (n_bad,) = _all_reduce([0.0 if torch.isfinite(loss).item() else 1.0])
+            if n_bad:
+                bad = True
+            else:
+                losses.append(loss.item())
+            # A non-finite loss is still backpropagated: the gradient turns non-finite and the
+            # optimizer skips the update as on fp16 overflow (no update, no scheduler step),
+            # which keeps DeepSpeed's accumulation in step.
+            engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary() and self.skippable is not None:
+                grad_norm = _grad_norm(engine.module, self.ps)  # the plain path reports none
+                self.skippable.overflow = bad
+            engine.step()
+        self.consumed += tcfg.global_batch_size
+        self.step += 1
+        mean = float("nan")  # a skipped step has no loss to report
+        if not bad:
+            total, count = _all_reduce([sum(losses), len(losses)], group=self.ps.dp_group)
+            mean = total / count
+        if grad_norm is None and not bad:
+            grad_norm = engine.get_global_grad_norm()
+        return StepResult(mean, bad, time.perf_counter() - start,
+                          float(grad_norm) if grad_norm is not None else None)
+
+    def train(self) -> dict:
+        """Train to `train_iters` (or a stop request); return the run's summary."""
+        tcfg, consecutive_skips, last_saved, stop_reason = self.tcfg, 0, None, "train_iters"
+        for note in self.notes:
+            self.logger.write(note)
+        with _Signals() as signals:
+            while self.step < tcfg.train_iters:
+                result = self.train_step()
+                consecutive_skips = consecutive_skips + 1 if result.skipped else 0
+                self._record(result, consecutive_skips)
+                if (tcfg.eval_interval and self.data.valid is not None
+                        and (self.step % tcfg.eval_interval == 0
+                             or self.step == tcfg.train_iters)):
+                    self.evaluate()
+                (stop,) = _all_reduce([1.0 if signals.requested else 0.0], op=dist.ReduceOp.MAX)
+                if stop:
+                    stop_reason = "sigterm"
+                elif tcfg.exit_interval and self.step % tcfg.exit_interval == 0:
+                    stop_reason = "exit_interval"
+                stopping = stop_reason != "train_iters"
+                periodic = tcfg.save_interval and self.step % tcfg.save_interval == 0
+                if (periodic or self.step == tcfg.train_iters or stopping) \
+                        and last_saved != self.step:
+                    self.save()
+                    last_saved = self.step
+                if stopping:
+                    self.logger.write(f"stopping at step {self.step} ({stop_reason})")
+                    break
+        return self._finish(stop_reason)
+
+    def _record(self, result: StepResult, consecutive_skips: int):
+        tcfg, step = self.tcfg, self.step
+        if result.skipped:
+            self.skipped_total += 1
+            self.logger.write(f"step {step}: non-finite loss, step skipped "
+                              f"({consecutive_skips} in a row)")
+            if consecutive_skips >= tcfg.max_skipped_steps:
+                raise TrainingAborted(
+                    f"{consecutive_skips} steps in a row had a non-finite loss (last at step "
+                    f"{step}); training is diverging. Lower --lr, raise --lr-warmup-iters, or "
+                    f"resume from an earlier checkpoint (--load {tcfg.save or '<save dir>'})")
+        self.history["skipped_steps"] = self.skipped_total
+        self.history["loss"].append(result.loss)
+        if tcfg.log_interval and step % tcfg.log_interval == 0:
+            tps = self.tokens_per_step / result.seconds
+            mfu = (self.flops_per_token * tps / (self.peak * dist.get_world_size())
+                   if self.peak else None)
+            self.logger.log(step, loss=result.loss, lr=self.engine.get_lr()[0],
+                            grad_norm=result.grad_norm, tokens_per_sec=tps, mfu=mfu,
+                            consumed_samples=self.consumed, skipped_steps=self.skipped_total)
+        self.logger.advance(1, loss=result.loss)
+
+    # ------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation over `eval_iters` micro-batches per DP rank (always the same ones): the
+        token-weighted mean loss, the unigram entropy of the targets (the loss of a model that
+        knows only their frequencies, which a model that learned anything must beat) and, for a
+        model predicting text, bits per character."""
+        engine, ps = self.engine, self.ps
+        engine.eval()
+        need_entropy = self.valid_entropy is None
+        total, count, characters, counts, states = 0.0, 0.0, 0.0, None, {}
+        char_lengths = (torch.from_numpy(self.tokenizer.char_lengths())
+                        if self.tokenizer is not None and self.spec.predicts_text else None)
+        for i, batch in enumerate(self._valid_batches()):
+            if i >= self.tcfg.eval_iters:
+                break
+            batch = _to_device(batch, engine.device)
+            loss, ntokens = self._loss(batch, 0, states)
+            ntokens = float(ntokens)
+            total += loss.item() * ntokens
+            count += ntokens
+            targets = predicted_targets(batch).long().cpu()
+            if char_lengths is not None:
+                characters += float(char_lengths[targets].sum())
+            if need_entropy:
+                binc = torch.bincount(targets.flatten(), minlength=self.cfg.padded_vocab_size)
+                counts = binc if counts is None else counts + binc
+        total, count, characters = _all_reduce([total, count, characters], group=ps.sp_dp_group)
+        if need_entropy and counts is not None:
+            counts = counts.double()
+            dist.all_reduce(counts, group=ps.sp_dp_group)
+            p = counts[counts > 0] / counts.sum()
+            self.valid_entropy = float(-(p * p.log()).sum())
+        engine.train()
+        loss = total / max(count, 1.0)
+        bpc = bits_per_character(total, characters) if char_lengths is not None else None
+        self.history["valid_loss"].append((self.step, loss))
+        self.history["valid_bpc"].append((self.step, bpc))
+        self.logger.log(self.step, valid_loss=loss, valid_unigram_entropy=self.valid_entropy,
+                        **({"valid_bpc": bpc} if bpc is not None else {}))
+        self.logger.write(f"step {self.step}: validation loss {loss:.4f}"
+                          + (f", {bpc:.4f} bits per character" if bpc is not None else "")
+                          + f" (unigram entropy of the validation targets "
+                            f"{self.valid_entropy:.4f})")
+        return {"loss": loss, "bpc": bpc, "unigram_entropy": self.valid_entropy}
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def metadata(self) -> CheckpointMeta:
+        ps = self.ps
+        data_state = self.train_batches.state_dict() if is_stream(self.data.train) else None
+        return CheckpointMeta.for_model(
+            self.spec, self.cfg, ps.tp_size, self.tokenizer, dp_size=ps.dp_size,
+            sp_size=ps.sp_size, step=self.step, consumed_samples=self.consumed,
+            seed=self.tcfg.seed, skipped_steps=self.skipped_total, data_state=data_state,
+            stream_state=self._stream_layout() if self.spec.stream_state else None)
+
+    def save(self):
+        tcfg, ps = self.tcfg, self.ps
+        if not tcfg.save:
+            return
+        rank_files = None
+        if self.spec.stream_state:
+            name = os.path.basename(stream_state_path("", ps.tp_rank, ps.sp_rank, ps.dp_rank))
+            rank_files = {name: {"slots": self.stream_states}}
+        path = save_checkpoint(self.engine, tcfg.save, self.step, self.metadata(),
+                               tokenizer=self.tokenizer, keep_last=tcfg.keep_last,
+                               rank_files=rank_files)
+        self.logger.write(f"saved checkpoint {path}")
+
+    def _finish(self, stop_reason: str) -> dict:
+        if self.history["valid_loss"] and self.valid_entropy is not None:
+            final = self.history["valid_loss"][-1][1]
+            self.logger.write(
+                f"final validation loss {final:.4f} nats/token; a unigram model of the "
+                f"validation targets scores {self.valid_entropy:.4f}: "
+                f"{self.valid_entropy - final:+.4f} nats better")
+        self.logger.close()
+        return dict(step=self.step, consumed_samples=self.consumed, stop_reason=stop_reason,
+                    valid_unigram_entropy=self.valid_entropy, **self.history)
 
 
-def _all_reduce(values: list[float], op=dist.ReduceOp.SUM, group=None) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=op, group=group)
-    return t.tolist()
-
-
-def _batches(dataset, sampler):
-    for indices in sampler:
-        yield collate([dataset[i] for i in indices])
-
-
-def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _partition_spec(model) -> dict:
-    """name -> [partition_dim, partition_stride] for every TP-sharded parameter."""
-    return {name: [p.partition_dim, p.partition_stride]
-            for name, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False)}
-
-
-def _check_resume_metadata(meta: dict, spec_name: str, cfg, ps: ParallelState, load_dir: str,
-                           tokenizer):
-    where = os.path.join(load_dir, read_latest_tag(load_dir))
-    if meta.get("model") != spec_name:
-        raise ValueError(f"{where} holds a '{meta.get('model')}' model, not '{spec_name}'")
-    if meta.get("tp_size") != ps.tp_size:
-        raise ValueError(
-            f"{where} was saved at tensor-parallel size {meta.get('tp_size')}, this run uses "
-            f"{ps.tp_size}; reshard it first: python change_mp.py {load_dir} {ps.tp_size}")
-    if tokenizer is not None and meta.get("tokenizer_hash") not in (None, tokenizer.hash):
-        raise ValueError(f"{where} was trained with tokenizer {meta.get('tokenizer_hash')}, but "
-                         f"--tokenizer gives {tokenizer.hash}: use the checkpoint's tokenizer "
-                         f"({os.path.join(where, 'tokenizer')})")
-    saved = meta.get("model_config", {})
-    for key, value in dataclasses.asdict(cfg).items():
-        if key in RUNTIME_MODEL_FIELDS or key not in saved:
-            continue
-        if saved[key] != value:
-            raise ValueError(f"{where}: model.{key} is {saved[key]!r} in the checkpoint but "
-                             f"{value!r} in this run; drop the override or use the checkpoint's "
-                             f"value")
-
+# ---------------------------------------------------------------------------------------------
+# Helpers
 
 class _Signals:
     """SIGTERM (a scheduler's preemption notice) asks for a save and a clean exit."""
@@ -149,209 +455,25 @@ class _Signals:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def pretrain(argv: list[str] | None, *, model_name: str,
-             datasets_provider: Callable[[RunConfig, object, object, ParallelState], Datasets],
-             data_config_cls: type | None = None) -> dict:
-    """Parse `argv`, train, and return a summary (final step, last losses) for callers and tests.
-
-    `data_config_cls`: the `data:` section's dataclass when the model family adds fields to
-    DataConfig (T5: the decoder length and the objectives' knobs)."""
-    spec = get_model_spec(model_name)
-    extra = {} if data_config_cls is None else {"data_config_cls": data_config_cls}
-    run = parse_config(sys.argv[1:] if argv is None else argv, spec.config_cls, **extra)
-    owns_dist = init_distributed()
-    try:
-        return _train(run, spec, datasets_provider)
-    finally:
-        if owns_dist and dist.is_initialized():
-            dist.destroy_process_group()
+def _all_reduce(values: list[float], op=dist.ReduceOp.SUM, group=None) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=op, group=group)
+    return t.tolist()
 
 
-def _train(run: RunConfig, spec, datasets_provider) -> dict:
-    import deepspeed
-
-    tcfg, dcfg = run.training, run.data
-    try:
-        ps = ParallelState.from_world(tcfg.tensor_model_parallel_size)
-    except ValueError as e:  # a launch that TP x DP cannot fill: a usage error, not a crash
-        raise ConfigError(str(e)) from None
-    rank0 = dist.get_rank() == 0
-    check_batch_sizes(tcfg, ps.dp_size)
-    grad_acc = tcfg.global_batch_size // (tcfg.micro_batch_size * ps.dp_size)
-
-    tokenizer = load_tokenizer(dcfg.tokenizer) if dcfg.tokenizer else None
-    cfg = run.model
-    if tokenizer is not None and not getattr(cfg, "vocab_size", None):
-        cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size)
-    if tokenizer is not None and cfg.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"model.vocab_size {cfg.vocab_size} is smaller than the tokenizer's "
-                         f"{tokenizer.vocab_size} ({dcfg.tokenizer}); leave it unset to take the "
-                         f"tokenizer's")
-
-    rng = RNGContext(tcfg.seed, dp_rank=ps.dp_rank, tp_rank=ps.tp_rank)
-    model = spec.build(cfg, ps, rng)
-    initialize_parameters(model, tcfg.seed, ps)
-    model.checkpoint_activations = tcfg.checkpoint_activations
-    # DeepSpeed saves this attribute into every checkpoint, for its own ds_to_universal converter.
-    model.universal_checkpoint_info = model_universal_checkpoint_info(model, ps.tp_size)
-
-    ds_config = build_deepspeed_config(tcfg, ps.dp_size, run.deepspeed_config)
-    if tcfg.load:  # a checkpoint change_mp.py resharded may need DeepSpeed's universal loading
-        ds_config = resume_engine_config(tcfg.load, ds_config, ps.tp_size, finetune=tcfg.finetune)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           config=ds_config, mpu=ps)
-
-    step, consumed = 0, 0
-    skipped_total = 0
-    if tcfg.load:
-        meta = load_checkpoint(engine, tcfg.load, finetune=tcfg.finetune)
-        _check_resume_metadata(meta, spec.name, cfg, ps, tcfg.load, tokenizer)
-        if not tcfg.finetune:
-            step, consumed = meta["step"], meta["consumed_samples"]
-            skipped_total = meta.get("skipped_steps", 0)
-
-    data = datasets_provider(run, tokenizer, cfg, ps)
-    sampler = TrainingSampler(len(data.train), tcfg.micro_batch_size, ps.dp_rank, ps.dp_size,
-                              consumed_samples=consumed, seed=tcfg.seed)
-    train_iter = _batches(data.train, sampler)
-
-    log_dir = tcfg.log_dir or (os.path.join(tcfg.save, "logs") if tcfg.save else None)
-    logger = MetricsLogger(log_dir, enabled=rank0, total_steps=tcfg.train_iters, initial_step=step,
-                           progress_bar=not tcfg.no_progress_bar)
-    # Per sample, not seq_length x per token: an encoder-decoder's two stacks see different
-    # numbers of tokens (its registry record counts both, cross-attention included).
-    tokens_per_sample, flops_per_sample = spec.sample_cost(cfg, dcfg)
-    tokens_per_step = tcfg.global_batch_size * tokens_per_sample
-    flops_per_token = flops_per_sample / tokens_per_sample
-    # Every rank has the same threads and cores; rank 0's probe stands for all (cached).
-    peak = peak_flops_per_rank(override=tcfg.peak_flops) if rank0 and tcfg.log_interval else None
-
-    def metadata():
-        return dict(model=spec.name, model_config=dataclasses.asdict(cfg),
-                    tokenizer_hash=tokenizer.hash if tokenizer else None,
-                    vocab_size=cfg.vocab_size, padded_vocab_size=cfg.padded_vocab_size,
-                    tp_size=ps.tp_size, dp_size=ps.dp_size, step=step,
-                    consumed_samples=consumed, seed=tcfg.seed, skipped_steps=skipped_total,
-                    partition_spec=_partition_spec(model))
-
-    def save():
-        if tcfg.save:
-            path = save_checkpoint(engine, tcfg.save, step, metadata(), tokenizer=tokenizer,
-                                   keep_last=tcfg.keep_last)
-            logger.write(f"saved checkpoint {path}")
-
-    history = {"loss": [], "valid_loss": [], "skipped_steps": 0}
-    valid_entropy = None
-    consecutive_skips = 0
-    last_saved = None
-    stop_reason = "train_iters"
-    with _Signals() as signals:
-        while step < tcfg.train_iters:
-            engine.train()
-            start = time.perf_counter()
-            losses, bad = [], False
-            plain_grad_norm = None
-            for micro in range(grad_acc):
-                rng.set_step(step, micro)
-                batch = _to_device(next(train_iter), engine.device)
-                loss, _ = engine.module.loss(batch)
-                # Every rank must agree, or ranks would take different paths.
-                (n_bad,) = _all_reduce([0.0 if torch.isfinite(loss).item() else 1.0])
-                if n_bad:
-                    bad = True
-                else:
-                    losses.append(loss.item())
-                # A non-finite loss is still backpropagated: the gradient turns non-finite and
-                # DeepSpeed's ZeRO optimizers skip the update as they do on fp16 overflow
-                # (no update, no scheduler step), which keeps their accumulation in step.
-                engine.backward(loss)
-                if engine.is_gradient_accumulation_boundary() and not engine.zero_optimization():
-                    plain_grad_norm = _grad_norm(engine.module, ps)
-                    if bad:
-                        _skip_plain_optimizer_step(engine)
-                engine.step()
-            consumed += tcfg.global_batch_size
-            step += 1
-            elapsed = time.perf_counter() - start
-
-            if bad:
-                consecutive_skips += 1
-                skipped_total += 1
-                history["skipped_steps"] = skipped_total
-                logger.write(f"step {step}: non-finite loss, step skipped "
-                             f"({consecutive_skips} in a row)")
-                if consecutive_skips >= tcfg.max_skipped_steps:
-                    raise TrainingAborted(
-                        f"{consecutive_skips} steps in a row had a non-finite loss (last at step "
-                        f"{step}); training is diverging. Lower --lr, raise --lr-warmup-iters, or "
-                        f"resume from an earlier checkpoint (--load {tcfg.save or '<save dir>'})")
-            else:
-                consecutive_skips = 0
-            mean_loss = float("nan")  # a skipped step has no loss to report
-            if not bad:
-                total, count = _all_reduce([sum(losses), len(losses)], group=ps.dp_group)
-                mean_loss = total / count
-            history["loss"].append(mean_loss)
-
-            if tcfg.log_interval and step % tcfg.log_interval == 0:
-                tps = tokens_per_step / elapsed
-                grad_norm = engine.get_global_grad_norm() if plain_grad_norm is None \
-                    else plain_grad_norm
-                mfu = flops_per_token * tps / (peak * dist.get_world_size()) if peak else None
-                logger.log(step, loss=mean_loss, lr=engine.get_lr()[0],
-                           grad_norm=float(grad_norm) if grad_norm is not None else None,
-                           tokens_per_sec=tps, mfu=mfu, consumed_samples=consumed,
-                           skipped_steps=skipped_total)
-            logger.advance(1, loss=mean_loss)
-
-            if (tcfg.eval_interval and data.valid is not None
-                    and (step % tcfg.eval_interval == 0 or step == tcfg.train_iters)):
-                valid_loss, entropy = evaluate(engine, data.valid, tcfg, ps, rng,
-                                               need_entropy=valid_entropy is None)
-                valid_entropy = valid_entropy if entropy is None else entropy
-                history["valid_loss"].append((step, valid_loss))
-                logger.log(step, valid_loss=valid_loss, valid_unigram_entropy=valid_entropy)
-                logger.write(f"step {step}: validation loss {valid_loss:.4f} "
-                             f"(unigram entropy of the validation targets {valid_entropy:.4f})")
-
-            (stop,) = _all_reduce([1.0 if signals.requested else 0.0], op=dist.ReduceOp.MAX)
-            if stop:
-                stop_reason = "sigterm"
-            elif tcfg.exit_interval and step % tcfg.exit_interval == 0:
-                stop_reason = "exit_interval"
-            periodic = tcfg.save_interval and step % tcfg.save_interval == 0
-            if periodic or step == tcfg.train_iters or stop or stop_reason == "exit_interval":
-                if last_saved != step:
-                    save()
-                    last_saved = step
-            if stop or stop_reason == "exit_interval":
-                logger.write(f"stopping at step {step} ({stop_reason})")
-                break
-    if history["valid_loss"] and valid_entropy is not None:
-        final = history["valid_loss"][-1][1]
-        logger.write(f"final validation loss {final:.4f} nats/token; a unigram model of the "
-                     f"validation targets scores {valid_entropy:.4f}: {valid_entropy - final:+.4f} "
-                     f"nats better")
-    logger.close()
-    return dict(step=step, consumed_samples=consumed, stop_reason=stop_reason,
-                valid_unigram_entropy=valid_entropy, **history)
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _skip_plain_optimizer_step(engine):
-    """Skip the update of a step that saw a non-finite loss, where DeepSpeed would not.
-
-    ZeRO stages 1-3 find the non-finite gradient norm themselves and skip the step. The plain
-    (stage 0) fp32 path would apply it, so its gradients are zeroed (clipping still runs) and the
-    optimizer's `step` is a no-op for this one call: parameters and Adam moments stay as they
-    were. (The LR scheduler still advances one step on this path.)"""
-    for p in engine.module.parameters():
-        if p.grad is not None:
-            p.grad.zero_()
-    optimizer = engine.optimizer
-
-    def skip(*args, **kwargs):
-        del optimizer.step  # back to the class's step for the next iteration
-    optimizer.step = skip
+def _detached(state):
+    """A model's per-stream state cut from the graph (tensors in dicts, lists or tuples)."""
+    if torch.is_tensor(state):
+        return state.detach()
+    if isinstance(state, dict):
+        return {k: _detached(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_detached(v) for v in state)
+    return state
 
 
 def _grad_norm(module, ps: ParallelState) -> float:
@@ -364,37 +486,3 @@ def _grad_norm(module, ps: ParallelState) -> float:
     if ps.tp_size > 1:
         dist.all_reduce(total, group=ps.tp_group)
     return float(total.sqrt())
-
-
-@torch.no_grad()
-def evaluate(engine, dataset, tcfg, ps: ParallelState, rng: RNGContext, *, need_entropy: bool):
-    """Mean validation loss over `eval_iters` micro-batches per DP rank (always the same ones),
-    and, when asked, the unigram entropy of those target tokens: the loss of a model that knows
-    only their frequencies, which a model that learned anything must beat."""
-    engine.eval()
-    sampler = TrainingSampler(len(dataset), tcfg.micro_batch_size, ps.dp_rank, ps.dp_size,
-                              consumed_samples=0, seed=tcfg.seed, shuffle=False)
-    total, count = 0.0, 0.0
-    counts = None
-    for i, indices in enumerate(sampler):
-        if i >= tcfg.eval_iters:
-            break
-        batch = _to_device(collate([dataset[j] for j in indices]), engine.device)
-        loss, ntokens = engine.module.loss(batch)
-        ntokens = float(ntokens)
-        total += loss.item() * ntokens
-        count += ntokens
-        if need_entropy:
-            targets = batch["labels"][batch["loss_mask"].bool()]
-            binc = torch.bincount(targets.flatten().long().cpu(),
-                                  minlength=engine.module.cfg.padded_vocab_size)
-            counts = binc if counts is None else counts + binc
-    total, count = _all_reduce([total, count], group=ps.dp_group)
-    entropy = None
-    if need_entropy and counts is not None:
-        counts = counts.double()
-        dist.all_reduce(counts, group=ps.dp_group)
-        p = counts[counts > 0] / counts.sum()
-        entropy = float(-(p * p.log()).sum())
-    engine.train()
-    return total / max(count, 1.0), entropy

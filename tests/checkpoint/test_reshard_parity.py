@@ -27,8 +27,8 @@ SAMPLED = dict(temperature=1.0, top_k=50, seed=3)
 
 def _build(load_dir, ps):
     state, meta, _ = read_model_states(load_dir, ps.tp_rank)
-    assert meta["tp_size"] == ps.tp_size
-    model = GPTModel(GPTConfig(**meta["model_config"]), ps, RNGContext(0, 0, ps.tp_rank))
+    assert meta.tp_size == ps.tp_size
+    model = GPTModel(GPTConfig(**meta.model_config), ps, RNGContext(0, 0, ps.tp_rank))
     model.load_state_dict(state, strict=True)
     return model.eval()
 

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from megatron_lite.data.tokenizer import CharTokenizer
 

@@ -81,7 +81,7 @@ files = sorted(f for f in os.listdir(os.path.join(save, "global_step3")) if f.st
 assert files == [f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)], files
 for r in range(tp):
     _, meta, _ = read_model_states(save, r)
-    assert (meta["tp_size"], meta["dp_size"], meta["step"]) == (tp, dp, 3), meta
+    assert (meta.tp_size, meta.dp_size, meta.step) == (tp, dp, 3), meta
 EOF
     log "$name: trained 3 steps at TP=$tp DP=$dp, saved mp_rank_00..$(printf %02d $((tp - 1)))"
 }

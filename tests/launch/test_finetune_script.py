@@ -35,11 +35,11 @@ def merged_tp1_model(load_dir):
     for tp_rank in range(2):
         state, meta, _ = read_model_states(str(load_dir), tp_rank)
         shards.append(state)
-    assert meta["tp_size"] == 2
-    spec = meta["partition_spec"]
+    assert meta.tp_size == 2
+    spec = meta.partition_spec
     full = {name: merge_shards([s[name] for s in shards], *spec[name]) if name in spec
             else shards[0][name] for name in shards[0]}
-    model = GPTModel(GPTConfig(**meta["model_config"]), ParallelState.single())
+    model = GPTModel(GPTConfig(**meta.model_config), ParallelState.single())
     model.load_state_dict(full, strict=True)
     return model.eval(), meta
 
@@ -96,14 +96,14 @@ def test_finetune_runs_at_the_checkpoints_tp_size(finetuned):
         "mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"]
     _, meta, _ = read_model_states(str(save), 1)
     # Schedule and data position start fresh: the base run's steps are not counted.
-    assert meta["tp_size"] == 2 and meta["step"] == STEPS
-    assert meta["consumed_samples"] == STEPS * GLOBAL
+    assert meta.tp_size == 2 and meta.step == STEPS
+    assert meta.consumed_samples == STEPS * GLOBAL
     assert [m["step"] for m in finetuned["metrics"]] == list(range(1, STEPS + 1))
 
 
 @pytest.mark.launcher
 def test_first_loss_is_the_checkpoints_loss_on_the_text_tokens(finetuned, base_checkpoint):
-    import pretrain_gpt
+    from megatron_lite.models import get_model_spec
     from megatron_lite.checkpoint.checkpointing import read_latest_tag
     from megatron_lite.data.sampler import TrainingSampler, collate
     from megatron_lite.data.tokenizer import load_tokenizer
@@ -117,7 +117,8 @@ def test_first_loss_is_the_checkpoints_loss_on_the_text_tokens(finetuned, base_c
     # The datasets exactly as the trainer builds them from these flags.
     run = parse_config(["--finetune-data", finetuned["data"], "--seq-length", str(SEQ),
                         "--load", str(base_checkpoint), "--finetune"], GPTConfig)
-    dataset = pretrain_gpt.gpt_datasets(run, tokenizer, model.cfg, ParallelState.single()).train
+    spec = get_model_spec("gpt")
+    dataset = spec.build_data(run, tokenizer, model.cfg, ParallelState.single()).train
     sampler = iter(TrainingSampler(len(dataset), MICRO, 0, 1, seed=run.training.seed))
     with open(finetuned["data"], encoding="utf-8") as f:
         records = [json.loads(line) for line in f]

@@ -24,7 +24,7 @@ def test_ranks_split_the_cores_of_their_machine():
     cores instead of one thread per core each. Two real ranks: DeepSpeed's shared-memory
     collectives wait for LOCAL_SIZE local ranks to arrive."""
     code = ("import os, torch, torch.distributed as dist\n"
-            "from megatron_lite.training.trainer import init_distributed\n"
+            "from megatron_lite.parallel.launch import init_distributed\n"
             "assert init_distributed()\n"
             "print(torch.get_num_threads(), len(os.sched_getaffinity(0)))\n"
             "dist.destroy_process_group()\n")

@@ -35,7 +35,7 @@ def assert_checkpoint(save, tp, dp):
     assert files == [f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
     for r in range(tp):
         _, meta, _ = read_model_states(str(save), r)
-        assert (meta["tp_size"], meta["dp_size"]) == (tp, dp)
+        assert (meta.tp_size, meta.dp_size) == (tp, dp)
 
 
 @pytest.mark.launcher

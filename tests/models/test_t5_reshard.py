@@ -6,9 +6,13 @@ import os
 import pytest
 import torch
 
-from megatron_lite.checkpoint.checkpointing import read_model_states
+from megatron_lite.checkpoint.checkpointing import (read_model_states,
+                                                    write_weights_only_checkpoint)
+from megatron_lite.checkpoint.metadata import CheckpointMeta
+from megatron_lite.checkpoint.reshard import shard_state_dict
 from megatron_lite.data.tokenizer import load_tokenizer
 from megatron_lite.inference.seq2seq import generate_seq2seq
+from megatron_lite.models import get_model_spec
 from megatron_lite.models.t5 import T5Config, T5Model
 from megatron_lite.parallel import ParallelState, RNGContext, gather_full_logits
 from megatron_lite.testing import run_distributed
@@ -18,8 +22,8 @@ reshard = pytest.importorskip("megatron_lite.checkpoint.reshard")
 
 def _build(load_dir, ps):
     state, meta, _ = read_model_states(load_dir, ps.tp_rank)
-    assert meta["tp_size"] == ps.tp_size
-    model = T5Model(T5Config(**meta["model_config"]), ps, RNGContext(0, 0, ps.tp_rank))
+    assert meta.tp_size == ps.tp_size
+    model = T5Model(T5Config(**meta.model_config), ps, RNGContext(0, 0, ps.tp_rank))
     model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -38,20 +42,20 @@ def evaluate(rank, world, dirs, enc, dec):
 
 
 def test_resharded_t5_is_the_same_model(t5_checkpoint, tmp_path):
-    from tools import convert_hf
     trained1 = str(t5_checkpoint)
     trained2 = str(tmp_path / "trained_tp2")
     reshard.reshard_checkpoint(trained1, 2, trained2)
     # A second model with another layout (v1.1: gated, separate head), born at TP=2.
     _, meta, ckpt_dir = read_model_states(trained1, 0)
-    cfg = T5Config(**{**meta["model_config"], "feed_forward_proj": "gated-gelu",
+    cfg = T5Config(**{**meta.model_config, "feed_forward_proj": "gated-gelu",
                       "tie_word_embeddings": False})
     model = T5Model(cfg)
     tokenizer = load_tokenizer(os.path.join(ckpt_dir, "tokenizer"))
     full = {k: v.detach().clone() for k, v in model.state_dict().items()}
     gated2 = str(tmp_path / "gated_tp2")
-    convert_hf.write_checkpoint(gated2, cfg, convert_hf.shard_state(full, cfg, 2), tokenizer,
-                                "test")
+    spec = get_model_spec("t5")
+    write_weights_only_checkpoint(gated2, CheckpointMeta.for_model(spec, cfg, 2, tokenizer),
+                                  shard_state_dict(full, spec, cfg, 2), tokenizer)
     gated1 = str(tmp_path / "gated_tp1")
     reshard.reshard_checkpoint(gated2, 1, gated1)
 
@@ -66,4 +70,4 @@ def test_resharded_t5_is_the_same_model(t5_checkpoint, tmp_path):
     torch.testing.assert_close(two[trained2][0], one[trained1][0], atol=1e-5, rtol=0)
     torch.testing.assert_close(one[gated1][0], two[gated2][0], atol=1e-5, rtol=0)
     assert two[trained2][1] == one[trained1][1]  # greedy, trained: token for token
-    assert read_model_states(gated1, 0)[1]["tp_size"] == 1
+    assert read_model_states(gated1, 0)[1].tp_size == 1

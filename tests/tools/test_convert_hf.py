@@ -78,7 +78,7 @@ def make_inputs():
 
 def load_ours(ckpt, ps, tag=None):
     state, meta, _ = read_model_states(ckpt, ps.tp_rank, tag=tag)
-    model = T5Model(T5Config(**meta["model_config"]), ps, RNGContext(0, tp_rank=ps.tp_rank))
+    model = T5Model(T5Config(**meta.model_config), ps, RNGContext(0, tp_rank=ps.tp_rank))
     model.load_state_dict(state, strict=True)
     return model.eval(), meta
 
@@ -96,7 +96,7 @@ def test_import_gives_transformers_logits(hf_models, tmp_path, variant):
     cfg = model.cfg
     assert (cfg.num_layers, cfg.decoder_layers) == (2, 3)
     assert cfg.tie_word_embeddings == (variant == "v1.0")
-    assert cfg.vocab_size == SPIECE_PIECES + 100 and meta["padded_vocab_size"] == 512
+    assert cfg.vocab_size == SPIECE_PIECES + 100 and meta.padded_vocab_size == 512
     enc, dec = make_inputs()
     with torch.no_grad():
         ours = model(enc, dec)[..., :cfg.vocab_size]
@@ -139,8 +139,8 @@ def test_imported_tokenizer_keeps_the_hf_ids(hf_models, tmp_path):
         [ours.sentinel_id(7)]
     assert ours.sentinel_id(0) not in ours.encode("abc <extra_id_0>")
     meta = read_model_states(str(tmp_path / "ckpt"), 0)[1]
-    assert meta["model"] == "t5" and meta["tokenizer_hash"] == ours.hash and meta["step"] == 0
-    assert meta["partition_spec"]["encoder.relative_attention_bias"] == [1, 1]
+    assert meta.model == "t5" and meta.tokenizer_hash == ours.hash and meta.step == 0
+    assert meta.partition_spec["encoder.relative_attention_bias"] == [1, 1]
 
 
 def test_import_errors_say_what_is_wrong(hf_models, tmp_path):

@@ -183,7 +183,7 @@ def test_metrics_and_checkpoint_metadata(gpt_data, tmp_path):
 def test_srun_without_a_launcher_is_refused(monkeypatch):
     """Several SLURM tasks but no launcher: each would silently train alone; refuse instead."""
     from megatron_lite.training.config import ConfigError
-    from megatron_lite.training.trainer import init_distributed
+    from megatron_lite.parallel.launch import init_distributed
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setenv("SLURM_NTASKS", "4")
     with pytest.raises(ConfigError, match="srun"):

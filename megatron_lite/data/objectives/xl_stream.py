@@ -68,10 +68,14 @@ class XLStreamBatcher:
         }
 
     def __iter__(self):
-        while True:
-            batch = self.batch(self.step)
-            self.step += 1
-            yield batch
+        return self
+
+    def __next__(self) -> dict:
+        """The next step's batch: with `state_dict`, this makes it a `BatchStream` the trainer
+        drives and checkpoints."""
+        batch = self.batch(self.step)
+        self.step += 1
+        return batch
 
     def state_dict(self) -> dict:
         return {"step": self.step, "global_rows": self.global_rows,

@@ -1,0 +1,54 @@
+"""Process setup shared by every entry point: the torch.distributed world and thread counts.
+
+`init_distributed()` joins the world a launcher (deepspeed, torchrun, our test harness) describes
+in RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, or makes a one-rank world when none does, so a
+plain `python pretrain_gpt.py ...` and a 64-rank launch run the same code.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.errors import ConfigError
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (bind to 0 and let the kernel pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> bool:
+    """Initialise torch.distributed (gloo on CPU) unless a caller already did; True if we did.
+
+    Without a launcher this is a one-rank world, so the same code runs as one plain process."""
+    if dist.is_initialized():
+        return False
+    if "RANK" not in os.environ:
+        if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+            raise ConfigError(
+                "SLURM started several tasks, but no launcher set RANK/WORLD_SIZE: each task would "
+                "train alone. Run one `deepspeed --no_ssh` launcher per node under srun (README, "
+                "\"Launching\")")
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    import deepspeed
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               auto_mpi_discovery=False, verbose=False)
+    # One rank per core group: ranks sharing a machine split its cores instead of
+    # oversubscribing them (each would otherwise start a thread per core).
+    local_ranks = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE")
+                      or dist.get_world_size())
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(max(1, cores // max(1, local_ranks)))
+    return True
+
+
+def destroy_distributed(owned: bool) -> None:
+    """Tear down the world `init_distributed` made (a caller's own world is left alone)."""
+    if owned and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,50 @@
+"""The DeepSpeed engine a run trains with, and the one adapter it needs.
+
+DeepSpeed builds the optimizer and LR schedule from the engine config that
+`config.build_deepspeed_config` injects. Its ZeRO stages find a non-finite gradient norm
+themselves and skip that update (and the scheduler step), reporting `optimizer.overflow`. Its
+plain fp32 path (ZeRO stage 0) has no such check, though after `optimizer.step()` it reads the
+same `overflow` attribute and, when it is set, counts the step as skipped and holds the schedule.
+So on that path the optimizer is ours: the same torch AdamW DeepSpeed would build, given through
+DeepSpeed's client-optimizer argument, whose step the trainer can mark as overflowed.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """torch.optim.AdamW whose next step can be skipped as DeepSpeed skips an overflowed one."""
+
+    overflow = False
+    """Set before `step()`; DeepSpeed reads it after: True skips the update and the LR step."""
+
+    def step(self, closure=None):
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+def _plain_path(ds_config: dict) -> bool:
+    zero = ds_config.get("zero_optimization", {})
+    return int(zero.get("stage", 0)) == 0
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict, ps):
+    """(engine, skippable optimizer or None): `deepspeed.initialize` with our mpu. On the plain
+    path the injected AdamW becomes a `SkippableAdamW` with the same settings."""
+    import deepspeed
+    ds_config = copy.deepcopy(ds_config)
+    client_optimizer, skippable = None, []
+    if _plain_path(ds_config):
+        params = dict(ds_config.pop("optimizer")["params"])
+        params.pop("torch_adam", None)  # DeepSpeed's switch for torch's AdamW: this is one
+
+        def client_optimizer(model_parameters):
+            skippable.append(SkippableAdamW(model_parameters, **params, foreach=None))
+            return skippable[-1]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                           config=ds_config, mpu=ps, optimizer=client_optimizer)
+    return engine, (skippable[0] if skippable else None)
