@@ -125,7 +125,10 @@ class Trainer:
         self.stream_states: dict[int, object] = {}  # micro-batch slot -> the model's state
         self.notes: list[str] = []  # said once the log is open
         meta = self._load() if tcfg.load else None
-        self.data = spec.build_data(run, self.tokenizer, self.cfg, self.ps)
+        try:
+            self.data = spec.build_data(run, self.tokenizer, self.cfg, self.ps)
+        except (ValueError, FileNotFoundError) as e:  # the data builders' bad-input errors
+            raise ConfigError(f"data: {e}") from None
         self.train_batches = self._train_batches(meta)
         self.valid_start = self.data.valid.state_dict() if is_stream(self.data.valid) else None
         self._checked_batch = False
