@@ -152,11 +152,13 @@ class ParallelSelfAttention(nn.Module):
 
 
 class ParallelMLP(nn.Module):
-    """h -> ffn (column-parallel) -> GELU (tanh approximation, as GPT-2/3) -> h (row-parallel)."""
+    """h -> ffn (column-parallel) -> GELU -> h (row-parallel). `gelu`: "tanh" (the approximation
+    GPT-2/3 use) or "none" (the exact erf GELU of BERT)."""
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, ps: ParallelState, *,
-                 init_std: float, out_init_std: float):
+                 init_std: float, out_init_std: float, gelu: str = "tanh"):
         super().__init__()
+        self.gelu = gelu
         if ffn_hidden_size % ps.tp_size:
             raise ValueError(f"ffn_hidden_size={ffn_hidden_size} does not split over "
                              f"tensor_model_parallel_size={ps.tp_size}")
@@ -164,7 +166,7 @@ class ParallelMLP(nn.Module):
         self.fc2 = RowParallelLinear(ffn_hidden_size, hidden_size, ps, init_std=out_init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.gelu))
 
 
 def check_tp_divisible(cfg, tp_size: int, ffn_size: int) -> None:

@@ -104,3 +104,47 @@ def test_clear_errors(sample_data):
         WholeWordMaskDataset(ListDataset([[7, 8]], prefix="<no-ws>"), bert, seed=0)
     with pytest.raises(ValueError, match="needs the tokenizer's cls token"):
         WholeWordMaskDataset(sample_data.char_ds, sample_data.char_tokenizer, seed=0)
+
+
+def test_packed_blocks_are_full_and_rebuild_the_document_stream(sample_data):
+    """Longformer_ZH's blocks: every document, shuffled per epoch and followed by [SEP], cut into
+    full windows; the prediction cap scales with the length (15% of 1022, not BERT's 80)."""
+    tok, ds = sample_data.bert_tokenizer, sample_data.bert_ds
+    wwm = WholeWordMaskDataset(ds, tok, seed=3, seq_length=1024, pack=True, return_source=True)
+    order = wwm.stream.document_order(0)
+    stream = np.concatenate([np.append(np.asarray(ds[int(d)], dtype=np.int64), tok.sep_id)
+                             for d in order[:400]])
+    sources, counts = [], []
+    for i in range(120):
+        s = wwm[i]
+        assert s["attention_mask"].all() and s["input_ids"].shape == (1024,)  # no padding
+        ids, labels, source = s["input_ids"].tolist(), s["labels"].tolist(), s["source_ids"]
+        assert ids[0] == tok.cls_id and ids[-1] == tok.sep_id
+        rebuilt = [l if l != IGNORE_INDEX else t for t, l in zip(ids[1:-1], labels[1:-1])]
+        assert rebuilt == source.tolist()
+        selected = np.array(labels[1:-1]) != IGNORE_INDEX
+        assert not (selected & (source.numpy() == tok.sep_id)).any()  # separators never
+        target = int(np.floor(0.15 * int((source != tok.sep_id).sum()) + 0.5))
+        counts.append(int(selected.sum()))
+        assert target - 4 <= counts[-1] <= target  # whole words: at most a word short
+        sources.append(source.numpy())
+    assert np.array_equal(np.concatenate(sources), stream[:120 * 1022])
+    assert min(counts) > 80
+
+
+def test_global_cls_flag_and_one_random_stream_per_block():
+    """[CLS] is global unless turned off (Longformer_ZH's collator marked none), and identical
+    blocks draw different masks (its generator was re-created per block)."""
+    tok = tiny_char_tokenizer("bert")
+    doc = random_docs(np.random.default_rng(1), [61], tok)[0]
+    ds = ListDataset([doc] * 8, [np.ones(61, bool)] * 8)
+    packed = WholeWordMaskDataset(ds, tok, seed=0, seq_length=64, pack=True, return_source=True)
+    assert len(packed) == 8  # 61 tokens + [SEP] = one 62-token window per document
+    masks = {tuple(packed[i]["labels"].tolist()) for i in range(8)}
+    assert all(torch.equal(packed[i]["source_ids"], packed[0]["source_ids"]) for i in range(8))
+    assert len(masks) == 8
+    assert packed[0]["global_attention_mask"].tolist() == [1] + [0] * 63
+    off = WholeWordMaskDataset(ds, tok, seed=0, seq_length=64, pack=True, global_cls=False)
+    assert not off[0]["global_attention_mask"].any()
+    with pytest.raises(ValueError, match="fewer than one block of seq_length - 2 = 998"):
+        WholeWordMaskDataset(ds, tok, seed=0, seq_length=1000, pack=True)

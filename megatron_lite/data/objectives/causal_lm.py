@@ -80,13 +80,13 @@ class TokenStream:
             self._cached_epoch = (epoch, order, starts)
         return self._cached_epoch[1], self._cached_epoch[2]
 
-    def tokens(self, epoch: int, start: int, length: int) -> np.ndarray:
-        """Stream tokens [start, start + length) of `epoch` as int64."""
+    def _walk(self, epoch: int, start: int, length: int):
+        """(filled, doc, offset, take) runs of documents covering stream slice [start, start +
+        length), doc None for a separator (take 1)."""
         if start < 0 or start + length > self.tokens_per_epoch:
             raise IndexError(f"stream slice [{start}, {start + length}) is outside the epoch's "
                              f"{self.tokens_per_epoch} tokens")
         order, starts = self._index(epoch)
-        out = np.empty(length, dtype=np.int64)
         k = int(np.searchsorted(starts, start, side="right")) - 1
         pos, filled = start, 0
         while filled < length:
@@ -95,19 +95,40 @@ class TokenStream:
             off = pos - int(starts[k])
             if off < n:
                 take = min(n - off, length - filled)
-                if self.backward:
-                    # Offset `off` of the reversed document is offset n-1-off of the original.
-                    piece = np.asarray(self.ds.get(doc, n - off - take, take))[::-1]
-                else:
-                    piece = self.ds.get(doc, off, take)
-                out[filled:filled + take] = piece
-                filled += take
-                pos += take
+                yield filled, doc, off, take
             else:
-                out[filled] = self.eod_id
-                filled += 1
-                pos += 1
+                take = 1
+                yield filled, None, 0, 1
                 k += 1
+            filled += take
+            pos += take
+
+    def tokens(self, epoch: int, start: int, length: int) -> np.ndarray:
+        """Stream tokens [start, start + length) of `epoch` as int64."""
+        out = np.empty(length, dtype=np.int64)
+        for filled, doc, off, take in self._walk(epoch, start, length):
+            if doc is None:
+                out[filled] = self.eod_id
+            elif self.backward:
+                # Offset `off` of the reversed document is offset n-1-off of the original.
+                n = int(self.sizes[doc])
+                out[filled:filled + take] = np.asarray(self.ds.get(doc, n - off - take, take))[::-1]
+            else:
+                out[filled:filled + take] = self.ds.get(doc, off, take)
+        return out
+
+    def word_starts(self, epoch: int, start: int, length: int) -> np.ndarray:
+        """Whether each token of stream slice [start, start + length) starts a word (the stored
+        jieba boundaries; a separator is a word of its own, and a document starts one)."""
+        if self.backward:
+            raise ValueError("word boundaries of a backward (reversed) stream are not defined")
+        out = np.empty(length, dtype=bool)
+        for filled, doc, off, take in self._walk(epoch, start, length):
+            if doc is None:
+                out[filled] = True
+            else:
+                out[filled:filled + take] = self.ds.word_starts(doc)[off:off + take]
+                out[filled] |= off == 0
         return out
 
 
