@@ -169,6 +169,16 @@ class ParallelMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate=self.gelu))
 
 
+def padded_vocab_size(cfg) -> int:
+    """cfg.vocab_size rounded up to cfg.make_vocab_size_divisible_by; independent of TP, so a
+    checkpoint reshards to any TP size that divides it. (Configs take it as a property.)"""
+    if cfg.vocab_size is None:
+        raise ValueError(f"{type(cfg).__name__}.vocab_size is not set: set model.vocab_size in the "
+                         "config or let the trainer fill it from the tokenizer")
+    m = cfg.make_vocab_size_divisible_by
+    return -(-cfg.vocab_size // m) * m
+
+
 def check_tp_divisible(cfg, tp_size: int, ffn_size: int) -> None:
     """A model config's heads, FFN width and padded vocabulary must split evenly across
     `tp_size` ranks; the error names the field to change."""

@@ -24,8 +24,8 @@ from megatron_lite.data.objectives.causal_lm import CausalLMDataset
 from megatron_lite.data.objectives.prompt_text import PromptTextDataset
 from megatron_lite.data.tokenizer import check_tokenizer_hash
 from megatron_lite.models.blocks import (MaskCache, ParallelMLP, ParallelSelfAttention,
-                                         check_tp_divisible,
-                                         layer_norm, position_embedding)
+                                         check_tp_divisible, layer_norm, padded_vocab_size,
+                                         position_embedding)
 from megatron_lite.models.registry import ModelSpec, register
 from megatron_lite.parallel import (ParallelState, RNGContext, VocabParallelEmbedding,
                                     parallel_lm_logits, vocab_parallel_cross_entropy)
@@ -72,14 +72,7 @@ class GPTConfig:
         """The resolved MLP width (ffn_hidden_size, or 4h when it is None)."""
         return self.ffn_hidden_size if self.ffn_hidden_size is not None else 4 * self.hidden_size
 
-    @property
-    def padded_vocab_size(self) -> int:
-        """vocab_size rounded up to make_vocab_size_divisible_by; independent of TP."""
-        if self.vocab_size is None:
-            raise ValueError("GPTConfig.vocab_size is not set: set model.vocab_size in the config "
-                             "or let the trainer fill it from the tokenizer")
-        m = self.make_vocab_size_divisible_by
-        return -(-self.vocab_size // m) * m
+    padded_vocab_size = property(padded_vocab_size)
 
     def is_sparse_layer(self, layer_idx: int) -> bool:
         return self.sparse_attention and layer_idx % 2 == 1

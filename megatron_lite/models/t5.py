@@ -50,7 +50,7 @@ from megatron_lite.data.indexed_dataset import IndexedDataset
 from megatron_lite.data.objectives.continuation import ContinuationDataset, MixedT5Dataset
 from megatron_lite.data.objectives.span_corruption import SpanCorruptionDataset
 from megatron_lite.data.tokenizer import SP_MODEL_FILE, SentencePieceTokenizer, check_tokenizer_hash
-from megatron_lite.models.blocks import KVCache, check_tp_divisible
+from megatron_lite.models.blocks import KVCache, check_tp_divisible, padded_vocab_size
 from megatron_lite.models.registry import ConversionError, HFConverter, ModelSpec, register
 from megatron_lite.parallel import (ColumnParallelLinear, ParallelState, RNGContext,
                                     RowParallelLinear, VocabParallelEmbedding, mark_replicated,
@@ -118,14 +118,7 @@ class T5Config:
         start = self.decoder_start_token_id
         return self.pad_token_id if start is None else start
 
-    @property
-    def padded_vocab_size(self) -> int:
-        """vocab_size rounded up to make_vocab_size_divisible_by; independent of TP."""
-        if self.vocab_size is None:
-            raise ValueError("T5Config.vocab_size is not set: set model.vocab_size in the config "
-                             "or let the trainer fill it from the tokenizer")
-        m = self.make_vocab_size_divisible_by
-        return -(-self.vocab_size // m) * m
+    padded_vocab_size = property(padded_vocab_size)
 
     def validate(self, tp_size: int | None = None) -> None:
         """Check field values (and divisibility by `tp_size` when given); errors name the field."""

@@ -24,7 +24,8 @@ _GPU_PEAKS = {
 }
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for caches and reports."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -65,7 +66,7 @@ def peak_flops_per_rank(dtype: torch.dtype = torch.float32, override: float | No
                 return table[dtype]
         raise ValueError(f"no peak FLOP/s known for GPU '{name}' in {dtype}; pass --peak-flops")
     threads = torch.get_num_threads()
-    key = f"{_cpu_model()}|threads={threads}"
+    key = f"{cpu_model()}|threads={threads}"
     cache = {}
     try:
         with open(_CACHE) as f:

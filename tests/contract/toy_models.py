@@ -20,7 +20,7 @@ from megatron_lite.data.indexed_dataset import IndexedDataset
 from megatron_lite.data.objectives.wwm_mlm import WholeWordMaskDataset
 from megatron_lite.data.objectives.xl_stream import XLStreamBatcher
 from megatron_lite.models.blocks import (ParallelMLP, ParallelSelfAttention, check_tp_divisible,
-                                         layer_norm, position_embedding)
+                                         layer_norm, padded_vocab_size, position_embedding)
 from megatron_lite.models.registry import ModelSpec, register
 from megatron_lite.parallel import (ParallelState, RNGContext, VocabParallelEmbedding,
                                     mark_replicated, parallel_lm_logits, set_init,
@@ -41,10 +41,7 @@ class ToyConfig:
     attention_dropout: float = 0.0
     init_std: float = 0.02
 
-    @property
-    def padded_vocab_size(self) -> int:
-        m = self.make_vocab_size_divisible_by
-        return -(-self.vocab_size // m) * m
+    padded_vocab_size = property(padded_vocab_size)  # the package's shared block
 
 
 @dataclass
