@@ -118,7 +118,11 @@ class ModelSpec:
     the start), saves it with every checkpoint (a file per rank) and restores it on resume."""
     splits_sequence: bool = False
     """It splits each sequence across sequence-parallel ranks (LongNet); others refuse
-    --sequence-parallel-size > 1."""
+    --sequence-parallel-size > 1. Each SP rank of a replica gets the same batch (data is handed
+    out by DP rank) and takes its part of the sequence; its `loss(batch)` returns (its part of the
+    loss, so that the SP ranks' losses sum to the replica's mean loss, the replica's number of
+    predicted tokens). DeepSpeed then sums gradients over SP and averages them over DP, and the
+    trainer's reported losses are the whole sequence's."""
     hf: HFConverter | None = None
     """Hugging Face import/export, when the architecture has a transformers twin."""
     benchmark_peer: Callable[[Any], torch.nn.Module] | None = None

@@ -293,8 +293,9 @@ class Trainer:
         self.step += 1
         mean = float("nan")  # a skipped step has no loss to report
         if not bad:
-            total, count = _all_reduce([sum(losses), len(losses)], group=self.ps.dp_group)
-            mean = total / count
+            # A sequence-splitting model's SP ranks each hold a part whose sum is the loss.
+            total, count = _all_reduce([sum(losses), len(losses)], group=self.ps.sp_dp_group)
+            mean = total / (count / self.ps.sp_size)
         if grad_norm is None and not bad:
             grad_norm = engine.get_global_grad_norm()
         return StepResult(mean, bad, time.perf_counter() - start,
@@ -380,6 +381,9 @@ class Trainer:
                 binc = torch.bincount(targets.flatten(), minlength=self.cfg.padded_vocab_size)
                 counts = binc if counts is None else counts + binc
         total, count, characters = _all_reduce([total, count, characters], group=ps.sp_dp_group)
+        # The SP ranks of a replica hold the same batch (a splitting model reports its replica's
+        # count): counted once.
+        count, characters = count / ps.sp_size, characters / ps.sp_size
         if need_entropy and counts is not None:
             counts = counts.double()
             dist.all_reduce(counts, group=ps.sp_dp_group)
