@@ -142,7 +142,7 @@ def export_hf(load_dir: str, out_dir: str, tag: str | None = None) -> str:
     tokenizer = load_tokenizer(os.path.join(ckpt_dir, TOKENIZER_DIR))
     os.makedirs(out_dir, exist_ok=True)
     from safetensors.torch import save_file
-    save_file(spec.hf.state_to_hf(full, cfg), os.path.join(out_dir, "model.safetensors"),
+    save_file(spec.hf.state_to_hf(full, cfg, tokenizer), os.path.join(out_dir, "model.safetensors"),
               metadata={"format": "pt"})
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(spec.hf.config_to_hf(cfg, tokenizer), f, indent=2)

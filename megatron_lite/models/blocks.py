@@ -192,3 +192,28 @@ def check_tp_divisible(cfg, tp_size: int, ffn_size: int) -> None:
                          f"rounded to make_vocab_size_divisible_by="
                          f"{cfg.make_vocab_size_divisible_by}) is not divisible by {tp}; choose "
                          "make_vocab_size_divisible_by as a multiple of the TP size")
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight layouts shared by the converters (models' Hugging Face interop, tools/convert_to_long.py)
+
+def fuse_heads(parts: list[torch.Tensor], heads: int) -> torch.Tensor:
+    """Separate projections ([heads * d, ...] each: q, k, v) -> one head-major fused tensor whose
+    rows are [heads, len(parts), d], so that a TP shard is a block of whole heads."""
+    return torch.stack([p.reshape(heads, -1, *p.shape[1:]) for p in parts], dim=1).reshape(
+        -1, *parts[0].shape[1:])
+
+
+def split_heads(fused: torch.Tensor, heads: int, n: int) -> list[torch.Tensor]:
+    """The inverse of `fuse_heads`: n separate [heads * d, ...] tensors."""
+    per = fused.reshape(heads, n, -1, *fused.shape[1:])
+    return [t.reshape(-1, *fused.shape[1:]) for t in per.unbind(1)]
+
+
+def resize_rows(table: torch.Tensor, rows: int) -> torch.Tensor:
+    """The first `rows` rows of `table`, zero-filled beyond its end (a vocabulary padded to a
+    multiple, or cut back to the true size)."""
+    out = torch.zeros(rows, *table.shape[1:], dtype=table.dtype)
+    n = min(rows, table.shape[0])
+    out[:n] = table[:n]
+    return out

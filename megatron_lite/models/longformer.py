@@ -20,7 +20,10 @@ from padding_idx + 1, shifting the table by one and overflowing it at 4096).
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -33,9 +36,10 @@ from megatron_lite.data.config import DataConfig
 from megatron_lite.data.contract import IGNORE_INDEX, Datasets
 from megatron_lite.data.indexed_dataset import IndexedDataset
 from megatron_lite.data.objectives.wwm_mlm import WholeWordMaskDataset
-from megatron_lite.models.blocks import (ParallelMLP, check_tp_divisible, layer_norm,
-                                         padded_vocab_size, position_embedding)
-from megatron_lite.models.registry import ModelSpec, register
+from megatron_lite.models.blocks import (ParallelMLP, check_tp_divisible, fuse_heads, layer_norm,
+                                         padded_vocab_size, position_embedding, resize_rows,
+                                         split_heads)
+from megatron_lite.models.registry import ConversionError, HFConverter, ModelSpec, register
 from megatron_lite.parallel import (ColumnParallelLinear, ParallelState, RNGContext,
                                     RowParallelLinear, VocabParallelEmbedding, copy_to_tp,
                                     mark_replicated, parallel_lm_logits, set_init,
@@ -941,8 +945,190 @@ def longformer_datasets(run, tokenizer, cfg: LongformerConfig, ps: ParallelState
     return Datasets(train=blocks(data.train_data_prefix), valid=valid)
 
 
+# ---- Hugging Face interop (tools/convert_hf.py) and convert-to-long (tools/convert_to_long.py)
+#
+# Three layouts of the same weights:
+# - transformers' LongformerForMaskedLM / LongformerModel ("longformer." names, "lm_head."):
+#   positions come from padding_idx + 1 on (RoBERTa's convention), so its table holds
+#   pad_token_id + 1 rows before ours: export prepends them (zeros) and import drops them, and
+#   transformers' default positions then read our rows;
+# - Longformer_ZH: BERT names ("bert." or "longformer." prefix, "cls.predictions." head) with the
+#   Longformer attention's *_global projections, 0-based positions;
+# - a plain BERT (BertForMaskedLM, 512 positions): no global projections, made long by
+#   tools/convert_to_long.py (`bert_state_to_long`).
+# q/k/v (and the global ones) are separate [h, h] matrices there; ours are fused head-major.
+
+_HF_LAYER = {"ln_attn": "attention.output.LayerNorm", "attn.out": "attention.output.dense",
+             "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense",
+             "ln_mlp": "output.LayerNorm"}
+
+
+def _hf_names(hf_sd: dict) -> tuple[str, str]:
+    """(encoder prefix, head style "lm_head" | "cls") of a transformers state dict."""
+    prefix = next((p for p in ("longformer.", "bert.") if any(k.startswith(p) for k in hf_sd)),
+                  None)
+    if prefix is None:
+        raise ConversionError("the weights have neither 'longformer.' nor 'bert.' names: not a "
+                              "BERT or Longformer masked-LM checkpoint")
+    return prefix, "cls" if any(k.startswith("cls.predictions.") for k in hf_sd) else "lm_head"
+
+
+def _get(hf_sd: dict, name: str) -> torch.Tensor:
+    if name not in hf_sd:
+        raise ConversionError(f"the weights lack '{name}'")
+    return hf_sd[name]
+
+
+def hf_state_to_ours(hf_sd: dict, cfg: LongformerConfig, *, global_from_local: bool = False,
+                     positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Our full (TP=1) state dict from any of the three layouts. `global_from_local` copies q/k/v
+    into the global projections (a BERT); `positions` replaces the position table."""
+    prefix, head = _hf_names(hf_sd)
+    emb, heads = prefix + "embeddings.", cfg.num_attention_heads
+    unknown = [k for k in hf_sd if not k.startswith((prefix, "lm_head.", "cls.predictions."))
+               and not k.endswith("position_ids")]
+    if unknown:
+        raise ConversionError(f"unknown parameter names {unknown[:5]}: not a BERT / Longformer "
+                              f"masked-LM layout")
+    if positions is None:
+        table = _get(hf_sd, emb + "position_embeddings.weight")
+        positions = table[table.shape[0] - cfg.max_position_embeddings:]  # drop the HF offset
+    # Rows past the true vocabulary are padding, which never counts: they start at zero, so an
+    # export (which writes exactly vocab_size rows) imports back to the same tensors.
+    vocab, padded = cfg.vocab_size, cfg.padded_vocab_size
+    sd = {"word_embeddings.weight": resize_rows(
+              _get(hf_sd, emb + "word_embeddings.weight")[:vocab], padded),
+          "position_embeddings.weight": positions,
+          "token_type_embeddings.weight": _get(hf_sd, emb + "token_type_embeddings.weight"),
+          "embedding_ln.weight": _get(hf_sd, emb + "LayerNorm.weight"),
+          "embedding_ln.bias": _get(hf_sd, emb + "LayerNorm.bias")}
+    for i in range(cfg.num_layers):
+        layer = f"{prefix}encoder.layer.{i}."
+        att = layer + "attention.self."
+        for suffix in ("weight", "bias"):
+            local = [_get(hf_sd, f"{att}{n}.{suffix}") for n in ("query", "key", "value")]
+            glob = local if global_from_local else [
+                _get(hf_sd, f"{att}{n}_global.{suffix}") for n in ("query", "key", "value")]
+            sd[f"layers.{i}.attn.qkv.{suffix}"] = fuse_heads(local, heads)
+            sd[f"layers.{i}.attn.qkv_global.{suffix}"] = fuse_heads(glob, heads)
+            for ours, theirs in _HF_LAYER.items():
+                sd[f"layers.{i}.{ours}.{suffix}"] = _get(hf_sd, f"{layer}{theirs}.{suffix}")
+    if head == "cls":
+        names = {"dense": "cls.predictions.transform.dense", "ln": "cls.predictions.transform."
+                 "LayerNorm", "bias": "cls.predictions.bias"}
+    else:
+        names = {"dense": "lm_head.dense", "ln": "lm_head.layer_norm", "bias": "lm_head.bias"}
+    for suffix in ("weight", "bias"):
+        sd[f"lm_head.dense.{suffix}"] = _get(hf_sd, f"{names['dense']}.{suffix}")
+        sd[f"lm_head.ln.{suffix}"] = _get(hf_sd, f"{names['ln']}.{suffix}")
+    sd["lm_head_bias"] = resize_rows(_get(hf_sd, names["bias"])[:vocab], padded)
+    return {k: v.detach().clone().contiguous() for k, v in sd.items()}
+
+
+def longformer_state_to_hf(sd: dict, cfg: LongformerConfig, tokenizer) -> dict[str, torch.Tensor]:
+    """transformers' LongformerForMaskedLM state dict (exactly vocab_size rows) from ours."""
+    heads, vocab, offset = cfg.num_attention_heads, cfg.vocab_size, tokenizer.pad_id + 1
+    emb, pos = "longformer.embeddings.", sd["position_embeddings.weight"]
+    hf = {emb + "word_embeddings.weight": sd["word_embeddings.weight"][:vocab],
+          emb + "position_embeddings.weight": torch.cat([pos.new_zeros(offset, pos.shape[1]),
+                                                         pos]),
+          emb + "token_type_embeddings.weight": sd["token_type_embeddings.weight"],
+          emb + "LayerNorm.weight": sd["embedding_ln.weight"],
+          emb + "LayerNorm.bias": sd["embedding_ln.bias"]}
+    for i in range(cfg.num_layers):
+        layer = f"longformer.encoder.layer.{i}."
+        for suffix in ("weight", "bias"):
+            for fused, tail in (("qkv", ""), ("qkv_global", "_global")):
+                parts = split_heads(sd[f"layers.{i}.attn.{fused}.{suffix}"], heads, 3)
+                for n, t in zip(("query", "key", "value"), parts):
+                    hf[f"{layer}attention.self.{n}{tail}.{suffix}"] = t
+            for ours, theirs in _HF_LAYER.items():
+                hf[f"{layer}{theirs}.{suffix}"] = sd[f"layers.{i}.{ours}.{suffix}"]
+    for suffix in ("weight", "bias"):
+        hf[f"lm_head.dense.{suffix}"] = sd[f"lm_head.dense.{suffix}"]
+        hf[f"lm_head.layer_norm.{suffix}"] = sd[f"lm_head.ln.{suffix}"]
+    hf["lm_head.bias"] = sd["lm_head_bias"][:vocab]
+    hf["lm_head.decoder.weight"] = hf[emb + "word_embeddings.weight"]  # tied
+    hf["lm_head.decoder.bias"] = hf["lm_head.bias"]
+    return {k: v.detach().clone().contiguous() for k, v in hf.items()}
+
+
+def longformer_config_from_hf(hf_cfg: dict, hf_sd: dict, tokenizer) -> LongformerConfig:
+    """Our config from a Longformer or Longformer_ZH config.json, checked against its weights."""
+    if hf_cfg.get("attention_window") is None:
+        raise ConversionError("config.json has no attention_window: a plain BERT; make it long "
+                              "with tools/convert_to_long.py")
+    if hf_cfg.get("hidden_act", "gelu") != "gelu":
+        raise ConversionError(f"config.json: hidden_act {hf_cfg.get('hidden_act')!r} is not "
+                              "supported; Longformer_ZH and transformers' Longformer use 'gelu'")
+    prefix, head = _hf_names(hf_sd)
+    rows = _get(hf_sd, prefix + "embeddings.position_embeddings.weight").shape[0]
+    words = _get(hf_sd, prefix + "embeddings.word_embeddings.weight").shape[0]
+    if tokenizer.vocab_size > words:
+        raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's "
+                              f"embedding only {words} rows: they do not belong together")
+    offset = int(hf_cfg.get("pad_token_id", 1)) + 1 if head == "lm_head" else 0
+    window = hf_cfg["attention_window"]
+    layers = int(hf_cfg["num_hidden_layers"])
+    windows = [int(window)] if isinstance(window, int) else [int(w) for w in window]
+    if len(windows) == layers and len(set(windows)) == 1:
+        windows = windows[:1]
+    dropout = float(hf_cfg.get("hidden_dropout_prob", 0.1))
+    try:
+        return LongformerConfig(
+            vocab_size=tokenizer.vocab_size, num_layers=layers,
+            hidden_size=int(hf_cfg["hidden_size"]),
+            num_attention_heads=int(hf_cfg["num_attention_heads"]),
+            ffn_hidden_size=int(hf_cfg["intermediate_size"]), max_position_embeddings=rows - offset,
+            type_vocab_size=int(hf_cfg.get("type_vocab_size", 2)), attention_window=windows,
+            layernorm_epsilon=float(hf_cfg.get("layer_norm_eps", 1e-12)), hidden_dropout=dropout,
+            attention_dropout=float(hf_cfg.get("attention_probs_dropout_prob", dropout)),
+            init_std=float(hf_cfg.get("initializer_range", 0.02)))
+    except ValueError as e:
+        raise ConversionError(f"config.json: {e}") from None
+
+
+def longformer_config_to_hf(cfg: LongformerConfig, tokenizer) -> dict:
+    windows = [cfg.window(i) for i in range(cfg.num_layers)]
+    return {
+        "architectures": ["LongformerForMaskedLM"], "model_type": "longformer",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_attention_heads,
+        "intermediate_size": cfg.ffn_hidden_size, "hidden_act": "gelu",
+        "max_position_embeddings": cfg.max_position_embeddings + tokenizer.pad_id + 1,
+        "type_vocab_size": cfg.type_vocab_size, "layer_norm_eps": cfg.layernorm_epsilon,
+        "attention_window": windows, "hidden_dropout_prob": cfg.hidden_dropout,
+        "attention_probs_dropout_prob": cfg.attention_dropout,
+        "initializer_range": cfg.init_std, "pad_token_id": tokenizer.pad_id,
+        "bos_token_id": tokenizer.cls_id, "eos_token_id": tokenizer.sep_id,
+        "sep_token_id": tokenizer.sep_id, "tie_word_embeddings": True,
+    }
+
+
+def save_bert_tokenizer(tokenizer, out_dir: str) -> None:
+    """The character vocabulary as transformers' BertTokenizer reads it (vocab.txt)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(tmp)
+        with open(os.path.join(tmp, "vocab.txt"), "rb") as f:
+            vocab = f.read()
+    with open(os.path.join(out_dir, "vocab.txt"), "wb") as f:
+        f.write(vocab)
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": False,
+                   "model_max_length": 1_000_000}, f, indent=2)
+
+
+LONGFORMER_HF = HFConverter(
+    model_types=("longformer", "bert"), config_from_hf=longformer_config_from_hf,
+    state_from_hf=hf_state_to_ours, config_to_hf=longformer_config_to_hf,
+    state_to_hf=longformer_state_to_hf, save_tokenizer=save_bert_tokenizer,
+    tokenizer_convention="a BERT-Chinese vocab.txt, read as our BERT-preset character "
+                         "vocabulary with the same ids; transformers' Longformer derives "
+                         "positions from the pad id (handled by the position-table offset).")
+
+
 register(ModelSpec(
     name="longformer", config_cls=LongformerConfig, build=build_longformer,
     build_data=longformer_datasets, objective="wwm_mlm", data_config_cls=LongformerDataConfig,
     batch_keys=("input_ids", "labels", "attention_mask", "global_attention_mask"),
-    flops_per_sample=flops_per_sample, generation="none"))
+    flops_per_sample=flops_per_sample, generation="none", hf=LONGFORMER_HF))

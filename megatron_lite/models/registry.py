@@ -52,8 +52,8 @@ class HFConverter:
     """`(hf state dict, our config) -> our full state dict`."""
     config_to_hf: Callable[[Any, Any], dict]
     """`(our config, tokenizer) -> config.json dict`."""
-    state_to_hf: Callable[[dict, Any], dict]
-    """`(our full state dict, our config) -> hf state dict`."""
+    state_to_hf: Callable[[dict, Any, Any], dict]
+    """`(our full state dict, our config, tokenizer) -> hf state dict`."""
     save_tokenizer: Callable[[Any, str], None]
     """`(tokenizer, hf dir)`: write the tokenizer in the form transformers loads."""
     tokenizer_convention: str = ""

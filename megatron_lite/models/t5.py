@@ -50,7 +50,8 @@ from megatron_lite.data.indexed_dataset import IndexedDataset
 from megatron_lite.data.objectives.continuation import ContinuationDataset, MixedT5Dataset
 from megatron_lite.data.objectives.span_corruption import SpanCorruptionDataset
 from megatron_lite.data.tokenizer import SP_MODEL_FILE, SentencePieceTokenizer, check_tokenizer_hash
-from megatron_lite.models.blocks import KVCache, check_tp_divisible, padded_vocab_size
+from megatron_lite.models.blocks import (KVCache, check_tp_divisible, fuse_heads,
+                                         padded_vocab_size, resize_rows, split_heads)
 from megatron_lite.models.registry import ConversionError, HFConverter, ModelSpec, register
 from megatron_lite.parallel import (ColumnParallelLinear, ParallelState, RNGContext,
                                     RowParallelLinear, VocabParallelEmbedding, mark_replicated,
@@ -693,17 +694,6 @@ def t5_config_from_hf(hf_cfg: dict, hf_sd: dict, tokenizer) -> T5Config:
 # Parameter layouts. HF keeps q, k, v as separate [inner, h] matrices; ours fuses k and v
 # head-major ([heads, 2, d_kv] rows) so that a TP shard is a contiguous block of whole heads.
 
-def _fuse_kv(k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    h = k.shape[1]
-    return torch.stack([k.view(heads, -1, h), v.view(heads, -1, h)], dim=1).reshape(-1, h)
-
-
-def _split_kv(kv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    h = kv.shape[1]
-    k, v = kv.view(heads, 2, -1, h).unbind(1)
-    return k.reshape(-1, h), v.reshape(-1, h)
-
-
 def _layer_map(cfg: T5Config, stack: str, i: int) -> list[tuple[str, str]]:
     """(our name, HF name) of one layer's plain (1:1) parameters; q/k/v are handled apart."""
     hf = f"{stack}.block.{i}.layer"
@@ -739,13 +729,6 @@ def _stacks(cfg: T5Config):
     return (("encoder", cfg.num_layers), ("decoder", cfg.decoder_layers))
 
 
-def _resize_rows(table: torch.Tensor, rows: int) -> torch.Tensor:
-    out = torch.zeros(rows, table.shape[1], dtype=table.dtype)
-    n = min(rows, table.shape[0])
-    out[:n] = table[:n]
-    return out
-
-
 def t5_state_from_hf(hf_sd: dict, cfg: T5Config) -> dict[str, torch.Tensor]:
     """Our full (TP=1) state dict from an HF T5 state dict."""
     def get(name):
@@ -756,7 +739,7 @@ def t5_state_from_hf(hf_sd: dict, cfg: T5Config) -> dict[str, torch.Tensor]:
         return hf_sd[name]
 
     heads = cfg.num_attention_heads
-    sd = {"shared.weight": _resize_rows(get("shared.weight"), cfg.padded_vocab_size)}
+    sd = {"shared.weight": resize_rows(get("shared.weight"), cfg.padded_vocab_size)}
     for stack, n in _stacks(cfg):
         sd[f"{stack}.relative_attention_bias"] = \
             get(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
@@ -765,14 +748,15 @@ def t5_state_from_hf(hf_sd: dict, cfg: T5Config) -> dict[str, torch.Tensor]:
             for ours, theirs in _layer_map(cfg, stack, i):
                 sd[ours] = get(theirs)
             for ours, prefix in _kv_map(stack, i):
-                sd[ours] = _fuse_kv(get(f"{prefix}.k.weight"), get(f"{prefix}.v.weight"), heads)
+                sd[ours] = fuse_heads([get(f"{prefix}.k.weight"), get(f"{prefix}.v.weight")],
+                                      heads)
     if not cfg.tie_word_embeddings:
         head = hf_sd.get("lm_head.weight", hf_sd["shared.weight"])
-        sd["lm_head.weight"] = _resize_rows(head, cfg.padded_vocab_size)
+        sd["lm_head.weight"] = resize_rows(head, cfg.padded_vocab_size)
     return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
 
-def t5_state_to_hf(sd: dict, cfg: T5Config) -> dict[str, torch.Tensor]:
+def t5_state_to_hf(sd: dict, cfg: T5Config, tokenizer=None) -> dict[str, torch.Tensor]:
     """An HF T5 state dict (exactly vocab_size rows) from our full (TP=1) state dict."""
     heads, vocab = cfg.num_attention_heads, cfg.vocab_size
     hf = {"shared.weight": sd["shared.weight"][:vocab]}
@@ -784,7 +768,7 @@ def t5_state_to_hf(sd: dict, cfg: T5Config) -> dict[str, torch.Tensor]:
             for ours, theirs in _layer_map(cfg, stack, i):
                 hf[theirs] = sd[ours]
             for ours, prefix in _kv_map(stack, i):
-                hf[f"{prefix}.k.weight"], hf[f"{prefix}.v.weight"] = _split_kv(sd[ours], heads)
+                hf[f"{prefix}.k.weight"], hf[f"{prefix}.v.weight"] = split_heads(sd[ours], heads, 2)
     if not cfg.tie_word_embeddings:
         hf["lm_head.weight"] = sd["lm_head.weight"][:vocab]
     return {k: v.detach().clone().contiguous() for k, v in hf.items()}
