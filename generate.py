@@ -29,7 +29,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megatron_lite.checkpoint.checkpointing import TOKENIZER_DIR, read_model_states
+from megatron_lite.checkpoint.checkpointing import (TOKENIZER_DIR, read_latest_tag,
+                                                    read_model_states)
+from megatron_lite.checkpoint.verify import CheckpointInvalid, verify_tag
 from megatron_lite.data.tokenizer import load_tokenizer
 from megatron_lite.inference.export import export_safetensors, is_export, read_export
 from megatron_lite.inference.generation import generate
@@ -82,6 +84,13 @@ def read_model(load_dir: str, ps: ParallelState, tag: str | None = None):
         model, model_config, module = meta["model"], meta["model_config"], meta.get("model_module")
         tokenizer_dir = os.path.join(load_dir, TOKENIZER_DIR)
     else:
+        tag = tag or read_latest_tag(load_dir)
+        try:  # DeepSpeed is not involved here, but a truncated or tampered file is named early
+            warning = verify_tag(os.path.join(load_dir, tag))
+        except CheckpointInvalid as e:
+            raise SystemExit(f"error: {e}") from None
+        if warning and ps.tp_rank == 0:
+            print(f"warning: {warning}", file=sys.stderr)
         state, meta, ckpt_dir = read_model_states(load_dir, ps.tp_rank, tag=tag)
         if meta.tp_size != ps.tp_size:
             raise SystemExit(

@@ -131,6 +131,7 @@ class Workspace:
     train_copies: str         # the preprocessing benchmark's input
     valid: str
     finetune: str
+    reviews: str
     tokenizers: dict  # name -> directory
 
 
@@ -150,7 +151,8 @@ def build_workspace(root: str, args) -> Workspace:
     run_tool(prepare, ["--out-dir", corpus, "--seed", str(args.seed)])
     ws = Workspace(root, os.path.join(corpus, "train.jsonl"),
                    os.path.join(corpus, f"train_x{args.corpus_copies}.jsonl"),
-                   os.path.join(corpus, "valid.jsonl"), os.path.join(corpus, "finetune.jsonl"), {})
+                   os.path.join(corpus, "valid.jsonl"), os.path.join(corpus, "finetune.jsonl"),
+                   os.path.join(corpus, "reviews.jsonl"), {})
     if args.corpus_docs:
         head_lines(ws.train, args.corpus_docs)
         head_lines(ws.finetune, args.corpus_docs)
@@ -278,6 +280,8 @@ def map_style_reader(ds, micro_batch: int, seed: int) -> Callable[[], int]:
 def objectives(ws: Workspace, prefixes: dict, micro_batch: int, seed: int) -> list[Objective]:
     from megatron_lite.data.indexed_dataset import IndexedDataset
     from megatron_lite.data.objectives.causal_lm import CausalLMDataset
+    from megatron_lite.data.objectives.classification import (ClassificationDataset,
+                                                              label_names, read_examples)
     from megatron_lite.data.objectives.continuation import ContinuationDataset, MixedT5Dataset
     from megatron_lite.data.objectives.prompt_text import PromptTextDataset
     from megatron_lite.data.objectives.span_corruption import SpanCorruptionDataset
@@ -308,6 +312,10 @@ def objectives(ws: Workspace, prefixes: dict, micro_batch: int, seed: int) -> li
     def cont():
         return ContinuationDataset(ds["spm"], tok["spm"], seed, **t5)
 
+    def classify():
+        examples = read_examples(ws.reviews)
+        return ClassificationDataset(examples, tok["bert"], 128, label_names(examples))
+
     char, spm = "sample train, char linglong", "sample train, sentencepiece"
     return [
         Objective("causal_lm", char, 128, True, causal(128)),
@@ -325,6 +333,7 @@ def objectives(ws: Workspace, prefixes: dict, micro_batch: int, seed: int) -> li
                                                       seq_length=512))),
         Objective("prompt_text", "finetune.jsonl, char linglong", 128, True,
                   reader(lambda: PromptTextDataset(ws.finetune, tok["char"], 128))),
+        Objective("classify", "reviews.jsonl, char bert", 128, False, reader(classify)),
     ]
 
 
@@ -522,9 +531,9 @@ def render(pre_rows, obj_rows, args, argv, micro_batch, started, loads) -> str:
         "layer, dropout 0.1; vocabulary of the char tokenizer) at the row's sequence length, "
         f"forward + backward + AdamW on one thread, {args.trainer_steps} step(s) per round. "
         "*data / trainer* is the median of per-round ratios (both ran in the same round). "
-        "† No T5, Transformer-XL or Longformer trainer exists yet: those rows compare against "
-        "the tiny GPT at the same sequence length (for T5, the encoder length; its decoder would "
-        "add work on the trainer side).",
+        "† Rows of other models' objectives compare against the tiny GPT at the same sequence "
+        "length, a common yardstick of what a small model consumes (for T5, the encoder length; "
+        "its decoder would add work on the trainer side).",
         "",
         f"Slowest relative to its trainer: {slowest['objective']} at seq {slowest['seq_length']},"
         f" {times(slowest['ratio'])} what the tiny model consumes "

@@ -25,34 +25,8 @@ CKPT=$1
 DATA=$2
 shift 2
 SAVE=${SAVE:-runs/finetune}
-[ -f "$CKPT/latest" ] \
-    || die "$CKPT/latest not found: CKPT must be a checkpoint directory (what --save wrote, e.g. runs/demo)"
+ds_read_checkpoint "$CKPT"
 [ -f "$DATA" ] || die "$DATA not found: expected a jsonl of {\"prompt\": ..., \"text\": ...} lines"
-command -v "$PYTHON" >/dev/null 2>&1 || die "'$PYTHON' not found: source .venv/bin/activate or set PYTHON"
-
-# The checkpoint's metadata: its TP size, tokenizer and model shape (as flags, so every machine
-# of a multi-node run gets them on the command line, with no file to copy around).
-CKPT_INFO=$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - "$CKPT" <<'EOF'
-import os, shlex, sys
-from megatron_lite.checkpoint.checkpointing import TOKENIZER_DIR, read_model_states
-from megatron_lite.training.config import flag_name
-
-_, meta, ckpt_dir = read_model_states(sys.argv[1], 0)
-# The checkpoint's model; a model of your own needs its --model-module among the extra flags.
-flags = ["--model", meta.model]
-for name, value in meta.model_config.items():
-    if isinstance(value, bool):
-        flags.append(flag_name(name) if value else "--no-" + flag_name(name)[2:])
-    else:
-        flags += [flag_name(name), "none" if value is None else
-                  ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
-print(f"CKPT_TP={int(meta.tp_size)}")
-print(f"CKPT_TOKENIZER={shlex.quote(os.path.join(ckpt_dir, TOKENIZER_DIR))}")
-print(f"CKPT_MAX_POSITIONS={int(meta.model_config.get('max_position_embeddings') or 0)}")
-print("MODEL_FLAGS=(" + " ".join(shlex.quote(f) for f in flags) + ")")
-EOF
-) || die "cannot read the checkpoint metadata of $CKPT (see the message above)"
-eval "$CKPT_INFO"
 
 MP_SIZE=${MP_SIZE:-$CKPT_TP}
 if [ "$MP_SIZE" != "$CKPT_TP" ]; then
@@ -69,7 +43,7 @@ if [ "$CKPT_MAX_POSITIONS" -gt 0 ] && [ "$CKPT_MAX_POSITIONS" -lt "$SEQ_LENGTH" 
 fi
 
 set -x
-"${LAUNCH[@]}" "$ROOT/pretrain_gpt.py" "${MODEL_FLAGS[@]}" --tokenizer "$CKPT_TOKENIZER" \
+"${LAUNCH[@]}" "$ROOT/pretrain_gpt.py" --model "$CKPT_MODEL" "${MODEL_FLAGS[@]}" --tokenizer "$CKPT_TOKENIZER" \
     --load "$CKPT" --finetune --finetune-data "$DATA" --save "$SAVE" \
     --seq-length "$SEQ_LENGTH" --micro-batch-size $MICRO_BATCH --global-batch-size $GLOBAL_BATCH --train-iters 100 \
     --lr 5e-4 --min-lr 5e-5 --lr-warmup-iters 10 --lr-decay-style cosine --log-interval 10 \

@@ -85,3 +85,36 @@ ds_resolve_launch() {
     DP_SIZE=$((world / MP_SIZE))
     echo "launching $world rank(s): $NUM_WORKERS worker(s) x $NUM_GPUS_PER_WORKER, tensor-parallel size $MP_SIZE, data-parallel size $DP_SIZE, engine $DS_CONFIG" >&2
 }
+
+# Reads a checkpoint's metadata (CKPT: a --save directory with `latest`) and sets CKPT_MODEL,
+# CKPT_TP, CKPT_TOKENIZER, CKPT_MAX_POSITIONS (0 when the model has no position table) and
+# MODEL_FLAGS (an array: the model's shape as flags, so every machine of a multi-node run gets
+# it on the command line, with no file to copy around). A model of your own needs its
+# --model-module among the recipe's extra flags.
+ds_read_checkpoint() {
+    [ -f "$1/latest" ] \
+        || die "$1/latest not found: CKPT must be a checkpoint directory (what --save wrote, e.g. runs/demo)"
+    command -v "$PYTHON" >/dev/null 2>&1 || die "'$PYTHON' not found: source .venv/bin/activate or set PYTHON"
+    local info
+    info=$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - "$1" <<'EOF'
+import os, shlex, sys
+from megatron_lite.checkpoint.checkpointing import TOKENIZER_DIR, read_model_states
+from megatron_lite.training.config import flag_name
+
+_, meta, ckpt_dir = read_model_states(sys.argv[1], 0)
+flags = []
+for name, value in meta.model_config.items():
+    if isinstance(value, bool):
+        flags.append(flag_name(name) if value else "--no-" + flag_name(name)[2:])
+    else:
+        flags += [flag_name(name), "none" if value is None else
+                  ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
+print(f"CKPT_MODEL={shlex.quote(meta.model)}")
+print(f"CKPT_TP={int(meta.tp_size)}")
+print(f"CKPT_TOKENIZER={shlex.quote(os.path.join(ckpt_dir, TOKENIZER_DIR))}")
+print(f"CKPT_MAX_POSITIONS={int(meta.model_config.get('max_position_embeddings') or 0)}")
+print("MODEL_FLAGS=(" + " ".join(shlex.quote(f) for f in flags) + ")")
+EOF
+) || die "cannot read the checkpoint metadata of $1 (see the message above)"
+    eval "$info"
+}

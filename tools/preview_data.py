@@ -103,9 +103,17 @@ def _wwm_mlm(args, tokenizer):
                                 seq_length=args.seq_length, return_source=True)
 
 
+def _classify(args, tokenizer):
+    from megatron_lite.data.objectives.classification import (ClassificationDataset,
+                                                              label_names, read_examples)
+    examples = read_examples(args.input)
+    return ClassificationDataset(examples, tokenizer, args.seq_length, label_names(examples))
+
+
 BUILDERS = {"causal_lm": _causal_lm, "xl_stream": _xl_stream,
             "span_corruption": _span_corruption, "continuation": _continuation,
-            "t5_mixed": _t5_mixed, "wwm_mlm": _wwm_mlm, "prompt_text": _prompt_text}
+            "t5_mixed": _t5_mixed, "wwm_mlm": _wwm_mlm, "prompt_text": _prompt_text,
+            "classify": _classify}
 """Objective name (`megatron_lite.data.objectives.OBJECTIVES`) -> its dataset, return_source on."""
 
 
@@ -123,6 +131,10 @@ def example_ids(sample: dict, pad_id: int) -> dict:
         n = int(sample["loss_mask"].sum())
         return {"source_ids": sample["source_ids"].tolist(), "input_ids": enc,
                 "target_ids": sample["labels"][:n].tolist()}
+    if sample["labels"].dim() == 0:  # classification: the text in [CLS] ... [SEP], its class
+        n = int(sample["attention_mask"].sum())
+        ids = sample["input_ids"][:n].tolist()
+        return {"source_ids": ids[1:-1], "input_ids": ids, "label": int(sample["labels"])}
     if "loss_mask" not in sample:  # masked LM (-100 labels): the real tokens, [CLS] to [SEP]
         n = int(sample["attention_mask"].sum())
     else:  # causal LM, prompt/text: inputs and labels of the window, without padding
@@ -144,13 +156,18 @@ def examples(args, tokenizer):
             yield step, {"source_ids": ids + labels[-1:], "input_ids": ids, "labels": labels}
         return
     for i in range(args.start, args.start + args.num):
-        yield i, example_ids(ds[i], tokenizer.pad_id)
+        ids = example_ids(ds[i], tokenizer.pad_id)
+        if "label" in ids:
+            ids["label_name"] = ds.labels[ids["label"]]
+        yield i, ids
 
 
 def render_text(objective: str, index: int, ids: dict, tokenizer) -> str:
     lines = [f"=== {objective} #{index} ===", "source: " + tokenizer.decode(ids["source_ids"]),
              "input:  " + tokenizer.decode(ids["input_ids"])]
-    if "target_ids" in ids:
+    if "label" in ids:
+        lines.append(f"label:  {ids['label_name']} ({ids['label']})")
+    elif "target_ids" in ids:
         lines.append("target: " + tokenizer.decode(ids["target_ids"]))
     elif "loss_mask" not in ids:  # masked LM (-100 labels)
         # Shown with the [CLS]-based position of each predicted token.

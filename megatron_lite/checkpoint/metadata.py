@@ -55,9 +55,11 @@ class CheckpointMeta:
     data_state: Optional[dict] = None
     """A BatchStream's position (`state_dict()`), the same on every rank."""
     stream_state: Optional[dict] = None
-    """Where the per-stream model state is: {"tp_size", "sp_size", "dp_size", "slots"} of the
-    run that wrote one file per rank (`checkpointing.stream_state_path`); None when the model
-    carries none or it was dropped (resharding)."""
+    """Where the per-stream model state is: {"tp_size", "sp_size", "dp_size", "streams"} of the
+    run that wrote one file per rank (`checkpointing.stream_state_path`), each holding its
+    micro-batch slots' states with their global stream rows, so a run with the same number of
+    streams re-splits them at any DP or micro-batch size; None when the model carries none or it
+    was dropped (resharding). (Before per-row files, "slots" stood where "streams" is.)"""
     weights_only: bool = False
     """Written by a converter: weights without optimizer state (load with --finetune)."""
     converted_from: Optional[str] = None

@@ -32,6 +32,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections import OrderedDict
@@ -45,6 +46,7 @@ from megatron_lite.checkpoint.checkpointing import (META_KEY, TOKENIZER_DIR, lis
                                                     model_state_path, read_latest_tag,
                                                     read_metadata, zero3_model_state_path)
 from megatron_lite.checkpoint.metadata import CheckpointMeta, MetadataError
+from megatron_lite.checkpoint.verify import CheckpointInvalid, verify_tag, write_manifest
 from megatron_lite.models.registry import Layout, get_model_spec
 from megatron_lite.parallel import take_shard
 
@@ -213,6 +215,12 @@ def open_checkpoint(load_dir: str, tag: str | None = None) -> Source:
     if not os.path.isdir(ckpt_dir):
         tags = ", ".join(t for _, t in list_step_tags(load_dir)) or "none"
         raise ReshardError(f"{ckpt_dir} does not exist (tags in {load_dir}: {tags})")
+    try:
+        warning = verify_tag(ckpt_dir)
+    except CheckpointInvalid as e:
+        raise ReshardError(str(e)) from None
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
 
     zero3_file = zero3_model_state_path(ckpt_dir, 0)
     zero3 = os.path.isfile(zero3_file)
@@ -442,6 +450,7 @@ def reshard_checkpoint(load_dir: str, target_tp: int, out_dir: str | None = None
         tokenizer = os.path.join(src.ckpt_dir, TOKENIZER_DIR)
         if os.path.isdir(tokenizer):
             shutil.copytree(tokenizer, os.path.join(tag_dir, TOKENIZER_DIR))
+        write_manifest(tag_dir)
         with open(os.path.join(tmp_root, "latest"), "w") as f:
             f.write(src.tag)
         files = {}  # inode -> size: a linked file is written once
@@ -758,7 +767,7 @@ def layout_universal_checkpoint_info(layout: Layout, tp_size: int) -> dict:
 
 
 def resume_engine_config(load_dir: str, ds_config: dict, tp_size: int, *,
-                         finetune: bool) -> dict:
+                         finetune: bool, tag: str | None = None) -> dict:
     """The DeepSpeed config to resume from `load_dir`, given what change_mp.py wrote there.
 
     A checkpoint resharded with --keep-optimizer from ZeRO-1/2/3 holds its optimizer in the
@@ -766,7 +775,7 @@ def resume_engine_config(load_dir: str, ds_config: dict, tp_size: int, *,
     without it holds weights only, fit to fine-tune (`--finetune`) but not to resume. Anything
     else (including checkpoints this cannot read) is left to the normal load path."""
     try:
-        tag = read_latest_tag(load_dir)
+        tag = tag or read_latest_tag(load_dir)
         info = read_metadata(load_dir, tag).reshard
     except Exception:  # noqa: BLE001  (the trainer's own load reports unreadable checkpoints)
         return ds_config

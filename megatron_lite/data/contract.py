@@ -26,7 +26,16 @@ class BatchStream(Protocol):
 
     `state_dict()` is its position and must be the same on every rank (a global step count, say):
     the trainer keeps it in the checkpoint's metadata, written once, and gives it back through
-    `load_state_dict` on resume, at any rank. Transformer-XL's contiguous streams are one."""
+    `load_state_dict` on resume, at any rank. Transformer-XL's contiguous streams are one.
+
+    A stream feeding a model with per-stream state (`ModelSpec.stream_state`) also says which
+    streams each micro-batch continues: `global_rows` (G, the number of streams of the whole
+    run), `slots` (micro-batches per optimizer step; slot m of every step continues the rows of
+    slot m of the step before) and `rows(slot)` (the global rows, 0..G-1, of this rank's
+    micro-batch `slot`, in batch order). The trainer keys the model's state by those rows, so it
+    re-splits at another DP size or micro-batch size of the same G. When G itself changed and
+    the state is dropped (--reset-stream-state), it calls `load_state_dict(state, regroup=True)`:
+    the stream then maps the old position onto its new streams as best it can."""
 
     def __next__(self) -> dict: ...
 

@@ -20,6 +20,7 @@ from padding_idx + 1, shifting the table by one and overflowing it at 4096).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -35,6 +36,8 @@ from torch.utils.checkpoint import checkpoint
 from megatron_lite.data.config import DataConfig
 from megatron_lite.data.contract import IGNORE_INDEX, Datasets
 from megatron_lite.data.indexed_dataset import IndexedDataset
+from megatron_lite.data.objectives.classification import (ClassificationDataset, label_names,
+                                                          read_examples, split_lines)
 from megatron_lite.data.objectives.wwm_mlm import WholeWordMaskDataset
 from megatron_lite.models.blocks import (ParallelMLP, check_tp_divisible, fuse_heads, layer_norm,
                                          padded_vocab_size, position_embedding, resize_rows,
@@ -796,14 +799,22 @@ class LongformerLayer(nn.Module):
         return self.ln_mlp(x + self._drop(self.mlp(x), "mlp_out"))
 
 
-class LongformerModel(nn.Module):
-    """Longformer_ZH on one TP rank; `forward` returns the rank's vocab shard of MLM logits.
+def _replicated_linear(n_in: int, n_out: int, init_std: float) -> nn.Linear:
+    """A small linear every TP rank holds whole (a head on the replicated hidden states)."""
+    layer = nn.Linear(n_in, n_out)
+    for p, init in ((layer.weight, ("normal", init_std)), (layer.bias, ("zeros",))):
+        set_init(p, *init)
+        mark_replicated(p)
+    return layer
+
+
+class LongformerEncoder(nn.Module):
+    """The encoder shared by the MLM model and the classifier, on one TP rank.
 
     Parameter names: word_embeddings.weight [V_pad/tp, h], position_embeddings.weight [P, h],
     token_type_embeddings.weight [types, h], embedding_ln.*, layers.{i}.attn.{qkv, qkv_global,
     out}.* (q/k/v rows head-major, [heads, 3, head_dim]), layers.{i}.{ln_attn, mlp.fc1, mlp.fc2,
-    ln_mlp}.*, lm_head.{dense, ln}.*, lm_head_bias [V_pad/tp] (the MLM decoder is tied to
-    word_embeddings and keeps its own bias, sharded with the vocabulary).
+    ln_mlp}.*.
     """
 
     def __init__(self, cfg: LongformerConfig, ps: ParallelState | None = None,
@@ -823,16 +834,6 @@ class LongformerModel(nn.Module):
         self.embedding_ln = layer_norm(h, cfg.layernorm_epsilon)
         self.layers = nn.ModuleList(LongformerLayer(cfg, i, ps, self.rng)
                                     for i in range(cfg.num_layers))
-        self.lm_head = nn.Module()
-        self.lm_head.dense = nn.Linear(h, h)
-        for p, init in ((self.lm_head.dense.weight, ("normal", cfg.init_std)),
-                        (self.lm_head.dense.bias, ("zeros",))):
-            set_init(p, *init)
-            mark_replicated(p)
-        self.lm_head.ln = layer_norm(h, cfg.layernorm_epsilon)
-        self.lm_head_bias = nn.Parameter(torch.zeros(cfg.padded_vocab_size // ps.tp_size))
-        set_init(self.lm_head_bias, "zeros")
-        set_partition_tags(self.lm_head_bias, 0)
 
     def encode(self, input_ids, attention_mask=None, global_attention_mask=None,
                token_type_ids=None, position_ids=None) -> torch.Tensor:
@@ -869,21 +870,46 @@ class LongformerModel(nn.Module):
                 x = layer(x, key_keep, is_global)
         return x
 
+    @staticmethod
+    def _inputs(batch: dict) -> dict:
+        # Through forward(), not encode(): ZeRO-3 gathers a module's own parameters (the MLM
+        # head's bias) in its forward hook only.
+        return {k: batch.get(k) for k in ("input_ids", "attention_mask", "global_attention_mask",
+                                          "token_type_ids", "position_ids")}
+
+
+class LongformerModel(LongformerEncoder):
+    """Longformer_ZH with its MLM head; `forward` returns the rank's vocab shard of the logits.
+
+    Beyond the encoder's: lm_head.{dense, ln}.*, lm_head_bias [V_pad/tp] (the decoder is tied to
+    word_embeddings and keeps its own bias, sharded with the vocabulary)."""
+
+    def __init__(self, cfg: LongformerConfig, ps: ParallelState | None = None,
+                 rng: RNGContext | None = None):
+        super().__init__(cfg, ps, rng)
+        h = cfg.hidden_size
+        self.lm_head = nn.Module()
+        self.lm_head.dense = _replicated_linear(h, h, cfg.init_std)
+        self.lm_head.ln = layer_norm(h, cfg.layernorm_epsilon)
+        self.lm_head_bias = nn.Parameter(torch.zeros(cfg.padded_vocab_size // self.ps.tp_size))
+        set_init(self.lm_head_bias, "zeros")
+        set_partition_tags(self.lm_head_bias, 0)
+
     def forward(self, input_ids, attention_mask=None, global_attention_mask=None,
                 token_type_ids=None, position_ids=None, labels=None):
         """MLM logits shard [b, n, V_pad/tp]. `labels` is accepted so `model(**batch)` works, and
         ignored: `loss(batch)` computes the loss."""
-        x = self.encode(input_ids, attention_mask, global_attention_mask, token_type_ids,
-                        position_ids)
-        x = self.lm_head.ln(F.gelu(self.lm_head.dense(x)))
+        return self._logits(self.encode(input_ids, attention_mask, global_attention_mask,
+                                        token_type_ids, position_ids))
+
+    def _logits(self, hidden):
+        x = self.lm_head.ln(F.gelu(self.lm_head.dense(hidden)))
         return parallel_lm_logits(x, self.word_embeddings.weight, self.ps, self.lm_head_bias)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean cross entropy over the predicted tokens, their number); labels are -100 where
         nothing is predicted."""
-        logits = self(batch["input_ids"], batch.get("attention_mask"),
-                      batch.get("global_attention_mask"), batch.get("token_type_ids"),
-                      batch.get("position_ids"))
+        logits = self(**self._inputs(batch))
         labels = batch["labels"]
         per_token = vocab_parallel_cross_entropy(logits, labels, self.ps,
                                                  vocab_size=self.cfg.vocab_size)
@@ -921,6 +947,12 @@ def build_longformer(cfg: LongformerConfig, ps: ParallelState, rng: RNGContext) 
     return LongformerModel(cfg, ps, rng)
 
 
+def _too_long(seq_length: int, cfg: LongformerConfig) -> str:
+    return (f"--seq-length {seq_length} exceeds the position table (max_position_embeddings="
+            f"{cfg.max_position_embeddings}): lower it, or make the checkpoint longer with "
+            f"tools/convert_to_long.py --max-positions {seq_length}")
+
+
 def longformer_datasets(run, tokenizer, cfg: LongformerConfig, ps: ParallelState) -> Datasets:
     """Whole-word-masked MLM blocks over the train and validation prefixes."""
     data = run.data
@@ -932,8 +964,7 @@ def longformer_datasets(run, tokenizer, cfg: LongformerConfig, ps: ParallelState
         raise ValueError("no training data: set data.train_data_prefix or pass "
                          "--train-data-prefix PREFIX (tools/preprocess_data.py --word-boundaries)")
     if data.seq_length > cfg.max_position_embeddings:
-        raise ValueError(f"--seq-length {data.seq_length} exceeds the position table "
-                         f"(max_position_embeddings={cfg.max_position_embeddings}): lower it")
+        raise ValueError(_too_long(data.seq_length, cfg))
 
     def blocks(prefix):
         return WholeWordMaskDataset(
@@ -943,6 +974,123 @@ def longformer_datasets(run, tokenizer, cfg: LongformerConfig, ps: ParallelState
 
     valid = blocks(data.valid_data_prefix) if data.valid_data_prefix else None
     return Datasets(train=blocks(data.train_data_prefix), valid=valid)
+
+
+# ---- Sequence classification (the `classify` task: scripts/ds_finetune_longformer.sh)
+
+
+@dataclass
+class LongformerClassifierConfig(LongformerConfig):
+    labels: list[str] = field(default_factory=list)
+    """Class names in index order; empty: the sorted labels of the training data."""
+
+
+@dataclass
+class LongformerClassifierDataConfig(DataConfig):
+    """The `data:` section of classification fine-tuning (seq_length: [CLS] text [SEP], cut)."""
+    classify_data: Optional[str] = None
+    """jsonl of {"text": ..., "label": ...} lines to fine-tune on."""
+    valid_fraction: float = 0.1
+    """Share of classify_data's lines held out for evaluation (a fixed split); 0 holds none."""
+    valid_classify_data: Optional[str] = None
+    """A held-out jsonl of its own; then classify_data is trained on whole."""
+    global_attention_cls: bool = True
+    """Give [CLS], which the head reads, global attention."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ValueError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
+
+
+class LongformerClassifier(LongformerEncoder):
+    """The encoder with a classification head on [CLS], as transformers' Longformer has it:
+    dropout, dense, tanh, dropout, projection to the classes (replicated: it is small)."""
+
+    def __init__(self, cfg: LongformerClassifierConfig, ps: ParallelState | None = None,
+                 rng: RNGContext | None = None):
+        super().__init__(cfg, ps, rng)
+        if len(cfg.labels) < 2:
+            raise ValueError(f"LongformerClassifierConfig.labels={cfg.labels!r}: a classifier "
+                             "needs at least two classes (they come from the training data)")
+        self.classifier = nn.Module()
+        self.classifier.dense = _replicated_linear(cfg.hidden_size, cfg.hidden_size, cfg.init_std)
+        self.classifier.out = _replicated_linear(cfg.hidden_size, len(cfg.labels), cfg.init_std)
+
+    def forward(self, input_ids, attention_mask=None, global_attention_mask=None,
+                token_type_ids=None, position_ids=None, labels=None):
+        """Class logits [b, classes] (every TP rank holds them whole). `labels` is accepted so
+        `model(**batch)` works, and ignored: `loss(batch)` computes the loss."""
+        return self._logits(self.encode(input_ids, attention_mask, global_attention_mask,
+                                        token_type_ids, position_ids))
+
+    def _logits(self, hidden):
+        x = hidden[:, 0]  # [CLS]
+        p, training = self.cfg.hidden_dropout, self.training
+        x = self.rng.dropout(x, p, "classifier.in", tp_region=False, training=training)
+        x = torch.tanh(self.classifier.dense(x))
+        x = self.rng.dropout(x, p, "classifier.hidden", tp_region=False, training=training)
+        return self.classifier.out(x)
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean cross entropy over the batch, number of examples)."""
+        logits = self(**self._inputs(batch))
+        return F.cross_entropy(logits, batch["labels"]), torch.tensor(float(len(logits)))
+
+
+def classifier_accuracy(model: LongformerClassifier, batch: dict) -> dict:
+    """{"accuracy": (correct, examples)} of a batch, summed over evaluation batches and ranks."""
+    predicted = model(**model._inputs(batch)).argmax(-1)
+    return {"accuracy": (float((predicted == batch["labels"]).sum()), float(len(predicted)))}
+
+
+def classify_examples(data) -> tuple[list, list]:
+    """(training, held-out) (where, text, label) examples of a classifier's `data:` section: the
+    fixed hash split of classify_data, or valid_classify_data whole."""
+    if not data.classify_data:
+        raise ValueError("no classification data: pass --classify-data FILE.jsonl (lines of "
+                         '{"text": ..., "label": ...})')
+    examples = read_examples(data.classify_data)
+    if data.valid_classify_data:
+        return examples, read_examples(data.valid_classify_data)
+    train, valid = split_lines(examples, data.valid_fraction, seed=0)
+    if not train:
+        raise ValueError(f"{data.classify_data}: every line went to the held-out split; lower "
+                         f"--valid-fraction")
+    return train, valid
+
+
+def classifier_config(cfg: LongformerClassifierConfig, run, tokenizer):
+    """The config with its classes, from the training data when the config names none."""
+    if cfg.labels:
+        return cfg
+    train, _ = classify_examples(run.data)
+    return dataclasses.replace(cfg, labels=label_names(train))
+
+
+def classifier_datasets(run, tokenizer, cfg: LongformerClassifierConfig,
+                        ps: ParallelState) -> Datasets:
+    """Training and held-out examples of --classify-data (or --valid-classify-data)."""
+    data = run.data
+    if tokenizer is None:
+        raise ValueError("no tokenizer: pass --tokenizer DIR (the checkpoint's tokenizer/)")
+    if data.seq_length > cfg.max_position_embeddings:
+        raise ValueError(_too_long(data.seq_length, cfg))
+    train, valid = classify_examples(data)
+
+    def examples(part):
+        return ClassificationDataset(part, tokenizer, data.seq_length, cfg.labels,
+                                     global_cls=data.global_attention_cls)
+    return Datasets(train=examples(train), valid=examples(valid) if valid else None)
+
+
+def classifier_flops_per_sample(cfg: LongformerClassifierConfig, data_cfg) -> float:
+    """The encoder's FLOPs of `flops_per_sample` without the MLM head (V·h and its dense); the
+    classification head's are counted for its one position per example."""
+    h, n = cfg.hidden_size, data_cfg.seq_length
+    mlm_head = h * h + cfg.padded_vocab_size * h
+    head = h * h + h * len(cfg.labels)
+    return flops_per_sample(cfg, data_cfg) - 6.0 * mlm_head * n + 6.0 * head
 
 
 # ---- Hugging Face interop (tools/convert_hf.py) and convert-to-long (tools/convert_to_long.py)
@@ -955,7 +1103,7 @@ def longformer_datasets(run, tokenizer, cfg: LongformerConfig, ps: ParallelState
 # - Longformer_ZH: BERT names ("bert." or "longformer." prefix, "cls.predictions." head) with the
 #   Longformer attention's *_global projections, 0-based positions;
 # - a plain BERT (BertForMaskedLM, 512 positions): no global projections, made long by
-#   tools/convert_to_long.py (`bert_state_to_long`).
+#   tools/convert_to_long.py (`hf_state_to_ours` with the q/k/v copied into the global ones).
 # q/k/v (and the global ones) are separate [h, h] matrices there; ours are fused head-major.
 
 _HF_LAYER = {"ln_attn": "attention.output.LayerNorm", "attn.out": "attention.output.dense",
@@ -1132,3 +1280,14 @@ register(ModelSpec(
     build_data=longformer_datasets, objective="wwm_mlm", data_config_cls=LongformerDataConfig,
     batch_keys=("input_ids", "labels", "attention_mask", "global_attention_mask"),
     flops_per_sample=flops_per_sample, generation="none", hf=LONGFORMER_HF))
+
+# Fine-tuned from a pretrained "longformer" checkpoint: its MLM head is dropped, the
+# classification head starts fresh, and validation reports accuracy.
+register(ModelSpec(
+    name="longformer_classifier", config_cls=LongformerClassifierConfig,
+    build=LongformerClassifier, build_data=classifier_datasets, objective="classify",
+    data_config_cls=LongformerClassifierDataConfig,
+    batch_keys=("input_ids", "labels", "attention_mask", "global_attention_mask"),
+    flops_per_sample=classifier_flops_per_sample, predicts_text=False,
+    complete_config=classifier_config, finetunes_from=("longformer",),
+    eval_metrics=classifier_accuracy))

@@ -115,7 +115,11 @@ class ModelSpec:
     stream_state: bool = False
     """The model carries per-stream state from one step to the next (Transformer-XL's memory):
     the trainer keeps one state per micro-batch slot, passes it to `loss(batch, state)` (None at
-    the start), saves it with every checkpoint (a file per rank) and restores it on resume."""
+    the start) and keeps the (detached) state it returns. Every tensor of a state has the batch
+    row first: `build_data` gives a training `BatchStream` that says which global stream rows each
+    slot holds (`global_rows`, `slots`, `rows(slot)`), so checkpoints save the state by global
+    row and a resume at another DP or micro-batch size of the same global batch re-splits it. A
+    resume with another number of streams is refused unless --reset-stream-state."""
     splits_sequence: bool = False
     """It splits each sequence across sequence-parallel ranks (LongNet); others refuse
     --sequence-parallel-size > 1. Each SP rank of a replica gets the same batch (data is handed
@@ -128,6 +132,19 @@ class ModelSpec:
     benchmark_peer: Callable[[Any], torch.nn.Module] | None = None
     """`benchmark_peer(config)`: a reference implementation of the same shape (transformers'),
     as a module whose `loss(batch)` takes our batches, for the throughput benchmarks."""
+    complete_config: Callable[[Any, Any, Any], Any] | None = None
+    """`complete_config(config, run, tokenizer) -> config`: fills in what only the data can tell
+    (a classifier's label set), after the trainer has filled vocab_size. Its ValueErrors are
+    reported as data errors."""
+    finetunes_from: tuple[str, ...] = ()
+    """Models whose checkpoints `--load CKPT --finetune` may start this one from (a classifier
+    from the masked LM it was pretrained as): the parameters both have are loaded, the source's
+    others (its head) are dropped, this model's others (its new head) start from their init, and
+    the log names both. Only the config fields both have must agree."""
+    eval_metrics: Callable[[torch.nn.Module, dict], dict] | None = None
+    """`eval_metrics(module, batch) -> {name: (numerator, denominator)}`: summed over the
+    validation batches and ranks, reported as numerator / denominator (`valid_<name>`) at each
+    evaluation beside the loss (a classifier's accuracy)."""
     module: str | None = field(default=None, compare=False)
     """The `--model-module` that registered it (None for the package's own models)."""
 

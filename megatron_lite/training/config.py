@@ -96,6 +96,10 @@ class TrainingConfig:
     """Checkpoint directory to resume from (or to take weights from with finetune)."""
     finetune: bool = False
     """Load only the weights from `load`: optimizer, schedule and data position start fresh."""
+    load_fallback: bool = True
+    """When the checkpoint `latest` names fails verification (its manifest or the pickle scan),
+    load the newest older one that verifies, saying which was skipped and why; off
+    (--no-load-fallback): stop with the reason instead."""
     keep_last: Optional[int] = None
     """Keep only the newest K checkpoints, removing older ones after a newer one is complete."""
     eval_interval: Optional[int] = None

@@ -10,7 +10,7 @@
                 the spec's data, logs
     train_step  one optimizer step: grad accumulation, non-finite-loss skips
     evaluate    validation loss, unigram entropy of the targets, bits per character
-    save        an atomic checkpoint with our metadata and per-rank stream state
+    save        an atomic checkpoint with our metadata and per-stream state (by global row)
 
 What the trainer knows of a model is its `ModelSpec`: the data it builds (map-style datasets
 walked by `TrainingSampler`, or a `BatchStream` whose position is saved), the batch keys its loss
@@ -28,9 +28,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_lite.checkpoint.checkpointing import (load_checkpoint, read_latest_tag,
-                                                    save_checkpoint, stream_state_path)
+from megatron_lite.checkpoint.checkpointing import (CheckpointSaveError, list_step_tags,
+                                                    load_checkpoint, read_latest_tag,
+                                                    read_model_states, save_checkpoint,
+                                                    stream_state_path)
 from megatron_lite.checkpoint.metadata import CheckpointMeta
+from megatron_lite.checkpoint.verify import CheckpointInvalid, select_tag
 from megatron_lite.checkpoint.reshard import (layout_universal_checkpoint_info,
                                               resume_engine_config)
 from megatron_lite.data.contract import bits_per_character, is_stream, predicted_targets
@@ -58,6 +61,9 @@ def run_main(main) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except CheckpointSaveError as e:  # a full disk: earlier checkpoints are intact
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -116,14 +122,16 @@ class Trainer:
         model.universal_checkpoint_info = layout_universal_checkpoint_info(self.layout,
                                                                            self.ps.tp_size)
         ds_config = build_deepspeed_config(tcfg, self.ps.dp_size, run.deepspeed_config)
+        self.notes: list[str] = []  # said once the log is open
+        self.load_tag = self._select_checkpoint() if tcfg.load else None
         if tcfg.load:  # a checkpoint change_mp.py resharded may need DeepSpeed's universal load
             ds_config = resume_engine_config(tcfg.load, ds_config, self.ps.tp_size,
-                                             finetune=tcfg.finetune)
+                                             finetune=tcfg.finetune, tag=self.load_tag)
         self.engine, self.skippable = build_engine(model, ds_config, self.ps)
 
         self.step, self.consumed, self.skipped_total = 0, 0, 0
         self.stream_states: dict[int, object] = {}  # micro-batch slot -> the model's state
-        self.notes: list[str] = []  # said once the log is open
+        self.loaded_from = None  # the checkpoint directory resumed from
         meta = self._load() if tcfg.load else None
         try:
             self.data = spec.build_data(run, self.tokenizer, self.cfg, self.ps)
@@ -145,7 +153,8 @@ class Trainer:
         # Every rank has the same threads and cores; rank 0's probe stands for all (cached).
         self.peak = (peak_flops_per_rank(override=tcfg.peak_flops)
                      if self.rank0 and tcfg.log_interval else None)
-        self.history = {"loss": [], "valid_loss": [], "valid_bpc": [], "skipped_steps": 0}
+        self.history = {"loss": [], "valid_loss": [], "valid_bpc": [], "valid_metrics": [],
+                        "skipped_steps": 0}
         self.valid_entropy = None
 
     # ------------------------------------------------------------------------------ setup
@@ -168,23 +177,62 @@ class Trainer:
             raise ValueError(f"model.vocab_size {cfg.vocab_size} is smaller than the tokenizer's "
                              f"{tokenizer.vocab_size} ({self.run.data.tokenizer}); leave it unset "
                              f"to take the tokenizer's")
+        if self.spec.complete_config is not None:
+            try:
+                cfg = self.spec.complete_config(cfg, self.run, tokenizer)
+            except (ValueError, FileNotFoundError) as e:
+                raise ConfigError(f"data: {e}") from None
         return cfg
+
+    def _select_checkpoint(self) -> str:
+        """The tag to load: `latest`'s, or the newest older one that verifies (rank 0 reads the
+        files, every rank gets its answer)."""
+        load, answer = self.tcfg.load, [None]
+        if self.rank0:
+            try:
+                latest = read_latest_tag(load)
+                older = [t for _, t in reversed(list_step_tags(load))]
+                answer[0] = select_tag(load, latest, older, fallback=self.tcfg.load_fallback)
+            except (CheckpointInvalid, FileNotFoundError) as e:
+                answer[0] = e
+        dist.broadcast_object_list(answer, src=0)
+        if isinstance(answer[0], CheckpointInvalid):
+            raise ConfigError(f"--load {load}: {answer[0]}")
+        if isinstance(answer[0], Exception):
+            raise answer[0]
+        tag, notes = answer[0]
+        self.notes += notes
+        return tag
 
     def _load(self) -> CheckpointMeta:
         tcfg = self.tcfg
-        meta = load_checkpoint(self.engine, tcfg.load, finetune=tcfg.finetune)
-        where = os.path.join(tcfg.load, read_latest_tag(tcfg.load))
-        self._check_resume_metadata(meta, where)
+        where = os.path.join(tcfg.load, self.load_tag)
+        saved, source, _ = read_model_states(tcfg.load, 0, tag=self.load_tag)
+        # Another model's checkpoint (ModelSpec.finetunes_from): the weights both have.
+        partial = tcfg.finetune and source.model in self.spec.finetunes_from
+        self._check_resume_metadata(source, where)
+        meta = load_checkpoint(self.engine, tcfg.load, tag=self.load_tag, finetune=tcfg.finetune,
+                               strict=not partial)
+        if partial:
+            ours = self.engine.module.state_dict().keys()
+            dropped, fresh = sorted(set(saved) - set(ours)), sorted(set(ours) - set(saved))
+            self.notes.append(f"started from the '{source.model}' weights of {where}: dropped "
+                              f"{len(dropped)} tensor(s) this model has not ({', '.join(dropped)}"
+                              f"); initialised fresh: {', '.join(fresh) or 'none'}")
         if not tcfg.finetune:
             self.step, self.consumed = meta.step, meta.consumed_samples
             self.skipped_total = meta.skipped_steps
-            if self.spec.stream_state:
-                self._load_stream_states(meta, where)
+        self.loaded_from = where
         return meta
 
     def _check_resume_metadata(self, meta: CheckpointMeta, where: str):
-        if meta.model != self.spec.name:
-            raise ValueError(f"{where} holds a '{meta.model}' model, not '{self.spec.name}'")
+        finetunes_from = self.spec.finetunes_from if self.tcfg.finetune else ()
+        if meta.model != self.spec.name and meta.model not in finetunes_from:
+            starts = (f"; '{self.spec.name}' can be fine-tuned (--finetune) from "
+                      f"{', '.join(repr(m) for m in self.spec.finetunes_from)} checkpoints"
+                      if self.spec.finetunes_from else "")
+            raise ValueError(f"{where} holds a '{meta.model}' model, not '{self.spec.name}'"
+                             f"{starts}")
         if meta.tp_size != self.ps.tp_size:
             raise ValueError(
                 f"{where} was saved at tensor-parallel size {meta.tp_size}, this run uses "
@@ -203,38 +251,91 @@ class Trainer:
                                  f"checkpoint but {value!r} in this run; drop the override or use "
                                  f"the checkpoint's value")
 
+    # Per-stream state (ModelSpec.stream_state) is keyed by the stream's global rows: a slot's
+    # state is saved with the rows it holds, and a resumed rank takes the rows its slots will
+    # hold, whatever DP and micro-batch sizes split the same streams.
     def _stream_layout(self) -> dict:
         ps = self.ps
         return {"tp_size": ps.tp_size, "sp_size": ps.sp_size, "dp_size": ps.dp_size,
-                "slots": self.grad_acc}
+                "streams": self.data.train.global_rows}
 
-    def _load_stream_states(self, meta: CheckpointMeta, where: str):
+    def _check_stream_rows(self, train):
+        name = self.spec.name
+        if not (is_stream(train) and all(hasattr(train, a) for a in ("global_rows", "slots",
+                                                                     "rows"))):
+            raise ConfigError(f"model '{name}' carries per-stream state, so its training data "
+                              f"must be a BatchStream with global_rows, slots and rows(slot) "
+                              f"(see data.contract.BatchStream); got {type(train).__name__}")
+        if train.slots != self.grad_acc:
+            raise ConfigError(f"model '{name}': its training stream has {train.slots} "
+                              f"micro-batch slots per step but the run accumulates "
+                              f"{self.grad_acc} (global batch / (micro batch x DP)); build it "
+                              f"with XLStreamBatcher.for_run or accumulation={self.grad_acc}")
+
+    def _load_stream_states(self, meta: CheckpointMeta, train) -> None:
+        where, saved, layout = self.loaded_from, meta.stream_state, self._stream_layout()
+        streams = None if saved is None else saved.get("streams")
         if self.tcfg.reset_stream_state:
-            self.notes.append("every stream's model state starts afresh (--reset-stream-state)")
+            cut = (f": the checkpoint's {streams} streams are cut anew into {layout['streams']}"
+                   if streams not in (None, layout["streams"]) else "")
+            self.notes.append(f"every stream's model state starts afresh "
+                              f"(--reset-stream-state){cut}")
             return
-        if meta.stream_state is None:
+        if saved is None:
             self.notes.append(f"{where} holds no per-stream model state (resharded or "
                               f"converted): every stream starts afresh")
             return
-        if meta.stream_state != self._stream_layout():
-            raise ConfigError(
-                f"{where}: its per-stream model state was saved at {meta.stream_state}, this run "
-                f"has {self._stream_layout()} (TP, SP, DP sizes and micro-batches per step); "
-                f"resume with that layout, or pass --reset-stream-state to start every stream "
-                f"afresh")
-        ps = self.ps
-        path = stream_state_path(where, ps.tp_rank, ps.sp_rank, ps.dp_rank)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing: the checkpoint's per-stream state of "
-                                    f"this rank was not saved; pass --reset-stream-state to "
-                                    f"start every stream afresh")
-        self.stream_states = torch.load(path, map_location="cpu", weights_only=True)["slots"]
+        if streams is None:
+            raise ConfigError(f"{where}: its per-stream model state was saved per micro-batch "
+                              f"slot by an older megatron_lite and cannot be re-split; pass "
+                              f"--reset-stream-state to start every stream afresh")
+        if streams != layout["streams"]:
+            raise ConfigError(f"{where}: its per-stream model state holds {streams} streams, "
+                              f"this run has {layout['streams']} (the global batch size decides "
+                              f"them); resume with the checkpoint's global batch size, or pass "
+                              f"--reset-stream-state to start every stream afresh")
+        if saved["sp_size"] != layout["sp_size"]:
+            raise ConfigError(f"{where}: its per-stream model state was saved at sequence-parallel "
+                              f"size {saved['sp_size']}, this run has {layout['sp_size']}; resume "
+                              f"at that size, or pass --reset-stream-state")
+        ps, sources = self.ps, []
+        for dp_rank in range(saved["dp_size"]):
+            path = stream_state_path(where, ps.tp_rank, ps.sp_rank, dp_rank)
+            if not os.path.isfile(path):
+                raise ConfigError(f"{path} is missing: the checkpoint's per-stream state is "
+                                  f"incomplete; pass --reset-stream-state to start every stream "
+                                  f"afresh")
+            # Memory-mapped: a rank reads only the rows it takes.
+            sources += torch.load(path, map_location="cpu", weights_only=True, mmap=True)["slots"]
+        at = {r: (i, j) for i, src in enumerate(sources)
+              for j, r in enumerate(src["rows"].tolist())}
+        for slot in range(train.slots):
+            missing = [r for r in train.rows(slot) if r not in at]
+            if missing:
+                raise ConfigError(f"{where}: no per-stream state for stream rows {missing}; pass "
+                                  f"--reset-stream-state to start every stream afresh")
+            self.stream_states[slot] = _gather_rows([src["state"] for src in sources],
+                                                    [at[r] for r in train.rows(slot)])
+        if saved["dp_size"] != layout["dp_size"]:
+            self.notes.append(f"per-stream model state of {streams} streams re-split from DP size "
+                              f"{saved['dp_size']} to {layout['dp_size']}")
 
     def _train_batches(self, meta: CheckpointMeta | None):
         train = self.data.train
+        if self.spec.stream_state:
+            self._check_stream_rows(train)
         if is_stream(train):
-            if meta is not None and not self.tcfg.finetune and meta.data_state is not None:
-                train.load_state_dict(meta.data_state)
+            if meta is not None and not self.tcfg.finetune:
+                if self.spec.stream_state:
+                    self._load_stream_states(meta, train)
+                if meta.data_state is not None:
+                    # With the state reset, a stream may map its position onto other streams.
+                    regroup = self.spec.stream_state and self.tcfg.reset_stream_state
+                    try:
+                        train.load_state_dict(meta.data_state,
+                                              **({"regroup": True} if regroup else {}))
+                    except ValueError as e:
+                        raise ConfigError(f"{self.loaded_from}: {e}") from None
             return train
         sampler = TrainingSampler(len(train), self.tcfg.micro_batch_size, self.ps.dp_rank,
                                   self.ps.dp_size, consumed_samples=self.consumed,
@@ -366,14 +467,20 @@ class Trainer:
         total, count, characters, counts, states = 0.0, 0.0, 0.0, None, {}
         char_lengths = (torch.from_numpy(self.tokenizer.char_lengths())
                         if self.tokenizer is not None and self.spec.predicts_text else None)
+        slots = getattr(self.data.valid, "slots", 1)  # a stream's micro-batches per step
+        metrics: dict[str, list[float]] = {}  # name -> [numerator, denominator]
         for i, batch in enumerate(self._valid_batches()):
             if i >= self.tcfg.eval_iters:
                 break
             batch = _to_device(batch, engine.device)
-            loss, ntokens = self._loss(batch, 0, states)
+            loss, ntokens = self._loss(batch, i % slots, states)
             ntokens = float(ntokens)
             total += loss.item() * ntokens
             count += ntokens
+            if self.spec.eval_metrics is not None:
+                for name, (num, den) in self.spec.eval_metrics(engine.module, batch).items():
+                    sums = metrics.setdefault(name, [0.0, 0.0])
+                    sums[0], sums[1] = sums[0] + float(num), sums[1] + float(den)
             targets = predicted_targets(batch).long().cpu()
             if char_lengths is not None:
                 characters += float(char_lengths[targets].sum())
@@ -381,6 +488,12 @@ class Trainer:
                 binc = torch.bincount(targets.flatten(), minlength=self.cfg.padded_vocab_size)
                 counts = binc if counts is None else counts + binc
         total, count, characters = _all_reduce([total, count, characters], group=ps.sp_dp_group)
+        values = {}  # the spec's eval_metrics, numerator / denominator over every rank
+        if self.spec.eval_metrics is not None:
+            names = sorted(metrics)
+            sums = _all_reduce([v for n in names for v in metrics[n]], group=ps.sp_dp_group)
+            values = {n: sums[2 * i] / sums[2 * i + 1] if sums[2 * i + 1] else float("nan")
+                      for i, n in enumerate(names)}
         # The SP ranks of a replica hold the same batch (a splitting model reports its replica's
         # count): counted once.
         count, characters = count / ps.sp_size, characters / ps.sp_size
@@ -394,13 +507,17 @@ class Trainer:
         bpc = bits_per_character(total, characters) if char_lengths is not None else None
         self.history["valid_loss"].append((self.step, loss))
         self.history["valid_bpc"].append((self.step, bpc))
+        if values:
+            self.history["valid_metrics"].append((self.step, values))
         self.logger.log(self.step, valid_loss=loss, valid_unigram_entropy=self.valid_entropy,
-                        **({"valid_bpc": bpc} if bpc is not None else {}))
+                        **({"valid_bpc": bpc} if bpc is not None else {}),
+                        **{f"valid_{n}": v for n, v in values.items()})
         self.logger.write(f"step {self.step}: validation loss {loss:.4f}"
                           + (f", {bpc:.4f} bits per character" if bpc is not None else "")
+                          + "".join(f", {n} {v:.4f}" for n, v in values.items())
                           + f" (unigram entropy of the validation targets "
                             f"{self.valid_entropy:.4f})")
-        return {"loss": loss, "bpc": bpc, "unigram_entropy": self.valid_entropy}
+        return {"loss": loss, "bpc": bpc, "unigram_entropy": self.valid_entropy, **values}
 
     # ------------------------------------------------------------------------------ checkpoints
     def metadata(self) -> CheckpointMeta:
@@ -419,7 +536,9 @@ class Trainer:
         rank_files = None
         if self.spec.stream_state:
             name = os.path.basename(stream_state_path("", ps.tp_rank, ps.sp_rank, ps.dp_rank))
-            rank_files = {name: {"slots": self.stream_states}}
+            rows = self.train_batches.rows
+            rank_files = {name: {"slots": [{"rows": torch.tensor(rows(slot)), "state": state}
+                                           for slot, state in sorted(self.stream_states.items())]}}
         path = save_checkpoint(self.engine, tcfg.save, self.step, self.metadata(),
                                tokenizer=self.tokenizer, keep_last=tcfg.keep_last,
                                rank_files=rank_files)
@@ -481,6 +600,19 @@ def _detached(state):
     if isinstance(state, (list, tuple)):
         return type(state)(_detached(v) for v in state)
     return state
+
+
+def _gather_rows(states: list, picks: list[tuple[int, int]]):
+    """A state whose row k is row picks[k][1] of states[picks[k][0]]: every tensor of a per-stream
+    state has the stream-row dimension first (tensors in dicts, lists or tuples)."""
+    first = states[0]
+    if torch.is_tensor(first):
+        return torch.stack([states[i][j] for i, j in picks])
+    if isinstance(first, dict):
+        return {k: _gather_rows([s[k] for s in states], picks) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_gather_rows([s[n] for s in states], picks) for n in range(len(first)))
+    return first
 
 
 def _grad_norm(module, ps: ParallelState) -> float:

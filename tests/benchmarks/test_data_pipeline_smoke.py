@@ -65,7 +65,8 @@ def test_smoke_run_reports_every_setting_and_objective(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert sum(line.startswith("| char (linglong preset)") for line in printed.splitlines()) == 2
     assert sum(line.startswith(("| causal_lm", "| xl_stream", "| span_corruption",
-                                "| continuation", "| t5_mixed", "| wwm_mlm", "| prompt_text"))
+                                "| continuation", "| t5_mixed", "| wwm_mlm", "| prompt_text",
+                                "| classify"))
                for line in printed.splitlines()) == len(rows)
     assert printed.count("†") == sum(not r["has_trainer"] for r in rows) + 1  # + the footnote
 

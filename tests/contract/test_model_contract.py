@@ -167,10 +167,12 @@ def test_stream_state_is_what_makes_resume_exact(runs):
     from megatron_lite.checkpoint.checkpointing import read_metadata, stream_state_path
     tag = root / "counter" / "part" / "global_step3"
     meta = read_metadata(str(root / "counter" / "part"))
-    assert meta.stream_state == {"tp_size": 1, "sp_size": 1, "dp_size": 1, "slots": 2}
-    assert meta.data_state["step"] == 6  # the stream's position: 3 steps x 2 micro-batches
+    # 4 streams (the global batch), 2 per micro-batch slot; the state is saved by stream row.
+    assert meta.stream_state == {"tp_size": 1, "sp_size": 1, "dp_size": 1, "streams": 4}
+    assert (meta.data_state["step"], meta.data_state["slot"]) == (3, 0)  # between steps
     saved = torch.load(stream_state_path(str(tag), 0, 0, 0), weights_only=True)["slots"]
-    assert {k: v["count"].tolist() for k, v in saved.items()} == {0: [3.0, 3.0], 1: [3.0, 3.0]}
+    assert [(s["rows"].tolist(), s["state"]["count"].tolist()) for s in saved] == [
+        ([0, 1], [3.0, 3.0]), ([2, 3], [3.0, 3.0])]
 
 
 @pytest.mark.launcher
@@ -187,7 +189,8 @@ def test_toy_mlm_trains_under_the_deepspeed_cli(sample_data, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (save / "latest").read_text() == "global_step3"
     files = sorted(os.listdir(save / "global_step3"))
-    assert files[:2] == ["mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"]
+    assert files[:3] == ["manifest.json", "mp_rank_00_model_states.pt",
+                         "mp_rank_01_model_states.pt"]
     with open(save / "logs" / "metrics.jsonl") as f:
         losses = [json.loads(line)["loss"] for line in f]
     assert len(losses) == 3 and all(0 < x < 20 for x in losses)

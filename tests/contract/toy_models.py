@@ -143,13 +143,14 @@ def mlm_data(run, tokenizer, cfg: ToyConfig, ps: ParallelState) -> Datasets:
 
 
 def stream_data(run, tokenizer, cfg: ToyConfig, ps: ParallelState) -> Datasets:
-    data, seed = run.data, run.training.seed
+    data = run.data
 
-    def streams(prefix):
-        return XLStreamBatcher(IndexedDataset(prefix), run.training.micro_batch_size,
-                               data.seq_length, tokenizer.eod_id, seed, ps.dp_rank, ps.dp_size)
-    valid = streams(data.valid_data_prefix) if data.valid_data_prefix else None
-    return Datasets(train=streams(data.train_data_prefix), valid=valid)
+    def streams(prefix, validation):
+        # One slot per micro-batch of a step: the per-stream state the trainer keeps follows it.
+        return XLStreamBatcher.for_run(IndexedDataset(prefix), run, tokenizer.eod_id, ps.dp_rank,
+                                       ps.dp_size, validation=validation)
+    valid = streams(data.valid_data_prefix, True) if data.valid_data_prefix else None
+    return Datasets(train=streams(data.train_data_prefix, False), valid=valid)
 
 
 register(ModelSpec(

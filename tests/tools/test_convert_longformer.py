@@ -11,7 +11,6 @@ tools/convert_hf.py, and tools/convert_to_long.py from a 512-position BertForMas
   twice the length, gives BertForMaskedLM's logits.
 """
 import json
-import os
 import shutil
 
 import pytest

@@ -154,7 +154,8 @@ def test_fields_match_the_contract():
         "micro_batch_size", "global_batch_size", "train_iters", "exit_interval", "lr", "min_lr",
         "lr_warmup_iters", "lr_decay_style", "lr_decay_iters", "weight_decay", "adam_beta1",
         "adam_beta2", "adam_eps", "clip_grad", "seed", "tensor_model_parallel_size",
-        "sequence_parallel_size", "save", "save_interval", "load", "finetune", "keep_last",
+        "sequence_parallel_size", "save", "save_interval", "load", "finetune", "load_fallback",
+        "keep_last",
         "eval_interval", "eval_iters", "log_interval", "log_dir", "checkpoint_activations",
         "max_skipped_steps", "peak_flops", "no_progress_bar", "cpu_optimizer",
         "reset_stream_state"]

@@ -12,6 +12,7 @@ so a dataset never needs to be told which epoch it is in.
 """
 from __future__ import annotations
 
+import json
 import math
 import zlib
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 OBJECTIVES = ("causal_lm", "xl_stream", "span_corruption", "continuation", "t5_mixed", "wwm_mlm",
-              "prompt_text")
+              "prompt_text", "classify")
 
 
 def round_half_up(x: float) -> int:
@@ -115,3 +116,28 @@ def require_token(tokenizer, attr: str, objective: str) -> int:
 def to_tensors(sample: dict) -> dict:
     """numpy arrays -> torch tensors, keeping each array's dtype."""
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sample.items()}
+
+
+def jsonl_records(path: str, form: str):
+    """(where, record) of every non-blank line of a jsonl file, where = "path:line"; a line that
+    is not UTF-8, not JSON or not an object is a ValueError naming it and the expected `form`
+    (e.g. '{"prompt": ..., "text": ...}')."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: invalid UTF-8 ({e.reason} at byte {e.start}); "
+                                 "re-encode the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: malformed JSON ({e.msg}, column {e.colno}); each "
+                                 f"line must be {form}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected an object {form}, got "
+                                 f"{type(record).__name__}")
+            yield where, record

@@ -11,12 +11,10 @@ once, at construction (fine-tuning sets are small); blank lines are skipped.
 """
 from __future__ import annotations
 
-import json
-
 import numpy as np
 from torch.utils.data import Dataset
 
-from megatron_lite.data.objectives import pad_to, split_index, to_tensors
+from megatron_lite.data.objectives import jsonl_records, pad_to, split_index, to_tensors
 
 
 class PromptTextDataset(Dataset):
@@ -38,30 +36,13 @@ class PromptTextDataset(Dataset):
         self.pad_id = int(tokenizer.pad_id)
         self.return_source = return_source
         self.examples = []  # (tokens, number of prompt tokens kept)
-        with open(self.path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                where = f"{self.path}:{lineno}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"{where}: invalid UTF-8 ({e.reason} at byte {e.start}); "
-                                     "re-encode the file as UTF-8") from None
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: malformed JSON ({e.msg}, column {e.colno}); each "
-                                     'line must be {"prompt": ..., "text": ...}') from None
-                if not isinstance(record, dict):
-                    raise ValueError(f'{where}: expected an object {{"prompt": ..., "text": ...}},'
-                                     f" got {type(record).__name__}")
-                for key in ("prompt", "text"):
-                    if not isinstance(record.get(key), str):
-                        problem = "missing" if key not in record else "not a string"
-                        raise ValueError(f"{where}: key '{key}' is {problem}; each line must be "
-                                         '{"prompt": "...", "text": "..."}')
-                self.examples.append(self._tokenize(tokenizer, record, where))
+        for where, record in jsonl_records(self.path, '{"prompt": ..., "text": ...}'):
+            for key in ("prompt", "text"):
+                if not isinstance(record.get(key), str):
+                    problem = "missing" if key not in record else "not a string"
+                    raise ValueError(f"{where}: key '{key}' is {problem}; each line must be "
+                                     '{"prompt": "...", "text": "..."}')
+            self.examples.append(self._tokenize(tokenizer, record, where))
         if not self.examples:
             raise ValueError(f"{self.path}: no examples; the file is empty")
 

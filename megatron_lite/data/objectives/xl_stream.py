@@ -1,15 +1,23 @@
-"""Contiguous streams for Transformer-XL: each batch row continues the text of the previous batch.
+"""Contiguous streams for Transformer-XL: each batch row continues the text of the previous step.
 
 The epoch's token stream (documents shuffled with (seed, epoch), eod after each; see causal_lm)
-is cut into G = batch_size * dp_size equal contiguous slices, one per global batch row. Global row
-g = dp_rank * batch_size + b. At step t of an epoch, row g holds slice tokens
-[t*S, t*S + S + 1) (inputs the first S, labels the last S), so row g of step t+1 starts exactly
-where row g of step t ended and the XL memory always holds the true preceding text. A new epoch
-starts every stream afresh in a new document order.
+is cut into G equal contiguous slices, one per global stream row, where G is the global batch:
+micro_batch x dp_size x accumulation. A step hands out every row once: micro-batch `slot` m of
+DP rank r holds global rows g = (m * dp_size + r) * micro_batch + b (TrainingSampler's order: a
+micro-step takes micro_batch x dp_size rows, DP rank r the r-th block). At step t of an epoch,
+row g holds slice tokens [t*S, t*S + S + 1) (inputs the first S, labels the last S), so slot m of
+step t+1 starts exactly where slot m of step t ended and a model's memory for that slot always
+holds the true preceding text, whatever the accumulation.
 
-The position is one number, the global step; `state_dict()` saves it with the global row count
-and sequence length, so a run resumes at the same global batch size with any split into
-batch_size x dp_size.
+Documents: `document_start` [b, S] marks the inputs that begin a document (those after an eod,
+and every row's first input of an epoch, where the stream starts afresh in a new document
+order), so a model hides from them whatever it remembers of the text before.
+
+The position is (global step, slot within the step). `state_dict()` saves it with the number of
+streams, the sequence length and the seed, so a run resumes at the same global batch with any
+split into micro_batch x dp_size x accumulation (`rows(slot)` tells which global rows a slot
+holds, which is how the trainer re-splits per-stream model state). Another global batch cuts
+other streams: `load_state_dict(state, regroup=True)` then resumes as far into the same epoch.
 """
 from __future__ import annotations
 
@@ -21,75 +29,123 @@ from megatron_lite.data.objectives.causal_lm import TokenStream
 
 
 class XLStreamBatcher:
-    """Yields batches [batch_size, seq_length] of this DP rank's rows, step after step, forever."""
+    """Yields this DP rank's micro-batches [batch_size, seq_length], `accumulation` slots per
+    step, forever. A `BatchStream` with per-stream rows (`global_rows`, `slots`, `rows`)."""
 
     def __init__(self, ds, batch_size: int, seq_length: int, eod_id: int, seed: int,
-                 dp_rank: int = 0, dp_size: int = 1, *, append_eod: bool = True):
-        if batch_size < 1 or seq_length < 1:
-            raise ValueError(f"batch_size and seq_length must be >= 1, got {batch_size}, "
-                             f"{seq_length}")
+                 dp_rank: int = 0, dp_size: int = 1, *, accumulation: int = 1,
+                 append_eod: bool = True):
+        if batch_size < 1 or seq_length < 1 or accumulation < 1:
+            raise ValueError(f"batch_size, seq_length and accumulation must be >= 1, got "
+                             f"{batch_size}, {seq_length}, {accumulation}")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
         self.batch_size = int(batch_size)
         self.seq_length = int(seq_length)
         self.dp_rank = int(dp_rank)
         self.dp_size = int(dp_size)
+        self.slots = int(accumulation)
         self.seed = int(seed)
+        self.eod_id = int(eod_id)
         self.stream = TokenStream(ds, eod_id, seed, append_eod=append_eod)
-        self.global_rows = self.batch_size * self.dp_size
+        self.global_rows = self.batch_size * self.dp_size * self.slots
         self.row_length = self.stream.tokens_per_epoch // self.global_rows
         self.steps_per_epoch = (self.row_length - 1) // self.seq_length
         if self.steps_per_epoch < 1:
             raise ValueError(
                 f"dataset {dataset_name(ds)} holds {self.stream.tokens_per_epoch} tokens: split "
-                f"into {self.global_rows} streams (batch_size x dp_size) that is {self.row_length}"
+                f"into {self.global_rows} streams (the global batch) that is {self.row_length}"
                 f" each, less than one step of seq_length + 1 = {self.seq_length + 1}; lower the "
                 "batch size or --seq-length, or add data")
-        self.step = 0
+        self.step, self.slot = 0, 0
+
+    @classmethod
+    def for_run(cls, ds, run, eod_id: int, dp_rank: int, dp_size: int, *,
+                validation: bool = False) -> "XLStreamBatcher":
+        """The stream of a run (`run.training`'s batch sizes and seed, `run.data.seq_length`):
+        one slot per micro-batch of an optimizer step. A validation stream has one slot, so its
+        consecutive batches continue the same rows."""
+        tcfg = run.training
+        per_step = tcfg.micro_batch_size * dp_size
+        accumulation = 1 if validation else max(1, tcfg.global_batch_size // per_step)
+        return cls(ds, tcfg.micro_batch_size, run.data.seq_length, eod_id, tcfg.seed, dp_rank,
+                   dp_size, accumulation=accumulation)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def batch(self, step: int) -> dict:
-        """The batch of global step `step` for this rank (a pure function of the step)."""
+    def rows(self, slot: int) -> list[int]:
+        """Global stream rows of this rank's micro-batch `slot`, in batch order."""
+        if not 0 <= slot < self.slots:
+            raise IndexError(f"slot {slot} is outside [0, {self.slots})")
+        first = (slot * self.dp_size + self.dp_rank) * self.batch_size
+        return list(range(first, first + self.batch_size))
+
+    def batch(self, step: int, slot: int = 0) -> dict:
+        """Micro-batch `slot` of global step `step` for this rank (a pure function of both)."""
         epoch, t = divmod(int(step), self.steps_per_epoch)
-        rows = []
-        for b in range(self.batch_size):
-            g = self.dp_rank * self.batch_size + b
-            rows.append(self.stream.tokens(epoch, g * self.row_length + t * self.seq_length,
-                                           self.seq_length + 1))
+        rows, starts = [], []
+        for g in self.rows(slot):
+            begin = g * self.row_length + t * self.seq_length
+            # One token before the segment says whether its first input starts a document.
+            before = self.stream.tokens(epoch, begin - 1, 1)[0] if t > 0 else self.eod_id
+            rows.append(self.stream.tokens(epoch, begin, self.seq_length + 1))
+            starts.append(before == self.eod_id)
         x = torch.from_numpy(np.stack(rows))
+        inputs = x[:, :-1].contiguous()
+        document_start = torch.empty_like(inputs, dtype=torch.bool)
+        document_start[:, 0] = torch.tensor(starts)
+        document_start[:, 1:] = inputs[:, :-1] == self.eod_id
         return {
-            "input_ids": x[:, :-1].contiguous(),
+            "input_ids": inputs,
             "labels": x[:, 1:].contiguous(),
             "loss_mask": torch.ones(self.batch_size, self.seq_length, dtype=torch.float32),
             # XL attends with relative positions; absolute ones are given for the contract only.
             "position_ids": torch.arange(self.seq_length).expand(self.batch_size, -1).clone(),
+            "document_start": document_start,
         }
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        """The next step's batch: with `state_dict`, this makes it a `BatchStream` the trainer
-        drives and checkpoints."""
-        batch = self.batch(self.step)
-        self.step += 1
+        """The next micro-batch: slots 0..slots-1 of a step, then the next step."""
+        batch = self.batch(self.step, self.slot)
+        self.slot += 1
+        if self.slot == self.slots:
+            self.step, self.slot = self.step + 1, 0
         return batch
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "global_rows": self.global_rows,
+        return {"step": self.step, "slot": self.slot, "global_rows": self.global_rows,
                 "seq_length": self.seq_length, "seed": self.seed}
 
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("global_rows", "seq_length", "seed"):
+    def load_state_dict(self, state: dict, *, regroup: bool = False) -> None:
+        """Resume at `state` (any split of the same global batch). With `regroup`, a state saved
+        with another number of streams is accepted: the new streams start as far into the same
+        epoch as the old ones had gone (nothing the model remembers matches them: reset it)."""
+        for key in ("step", "global_rows", "seq_length", "seed"):
             if key not in state:
                 raise KeyError(f"XL stream state lacks '{key}'; it was not saved by "
                                "XLStreamBatcher.state_dict()")
-            if state[key] != getattr(self, key):
+        for key in ("global_rows", "seq_length", "seed"):
+            if state[key] != getattr(self, key) and not (regroup and key == "global_rows"):
                 raise ValueError(
                     f"XL stream state was saved with {key}={state[key]} but this run has "
-                    f"{key}={getattr(self, key)}; the streams are defined by the global batch size"
-                    " (batch_size x dp_size), the sequence length and the seed, so resume with the "
-                    "same values")
-        self.step = int(state["step"])
+                    f"{key}={getattr(self, key)}; the streams are defined by the global batch "
+                    "size, the sequence length and the seed, so resume with the same values")
+        step, slot = int(state["step"]), int(state.get("slot", 0))
+        if state["global_rows"] != self.global_rows:
+            if slot:
+                raise ValueError(f"XL stream state was saved at slot {slot} of step {step}: only "
+                                 "a state saved between steps maps onto other streams")
+            old_row = self.stream.tokens_per_epoch // int(state["global_rows"])
+            old_steps = (old_row - 1) // self.seq_length
+            epoch, t = divmod(step, old_steps)
+            step = epoch * self.steps_per_epoch + min(t * self.row_length // old_row,
+                                                      self.steps_per_epoch)
+        elif not 0 <= slot < self.slots:
+            raise ValueError(f"XL stream state was saved at slot {slot} of a step, but this run "
+                             f"has {self.slots} slots per step; resume from a checkpoint saved "
+                             "between steps")
+        self.step, self.slot = step, slot
