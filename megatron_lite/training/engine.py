@@ -27,6 +27,17 @@ class SkippableAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+def begin_micro_batch(engine) -> None:
+    """Do what `DeepSpeedEngine.forward` does before a micro-batch, for a loss computed by the
+    model's own `loss()` rather than through `engine(...)`. The ZeRO optimizers close the previous
+    backward there: ZeRO-3 counts the micro-step, and without the count every backward overwrites
+    the accumulated gradient partition instead of adding to it, so a step under gradient
+    accumulation used only its last micro-batch, and the loss drifted from stage 0's."""
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+    if isinstance(engine.optimizer, ZeROOptimizer):
+        engine.optimizer.clear_backward_seen_flag()
+
+
 def _plain_path(ds_config: dict) -> bool:
     zero = ds_config.get("zero_optimization", {})
     return int(zero.get("stage", 0)) == 0

@@ -45,7 +45,7 @@ from megatron_lite.parallel import ParallelState, RNGContext, initialize_paramet
 from megatron_lite.parallel.launch import destroy_distributed, init_distributed
 from megatron_lite.training.config import (RunConfig, build_deepspeed_config, check_batch_sizes,
                                            parse_config, parse_model_choice)
-from megatron_lite.training.engine import build_engine
+from megatron_lite.training.engine import begin_micro_batch, build_engine
 from megatron_lite.training.logger import MetricsLogger
 from megatron_lite.training.mfu import peak_flops_per_rank
 
@@ -375,6 +375,7 @@ class Trainer:
         for micro in range(self.grad_acc):
             self.rng.set_step(self.step, micro)
             batch = _to_device(next(self.train_batches), engine.device)
+            begin_micro_batch(engine)
             loss, _ = self._loss(batch, micro, self.stream_states)
             # Every rank must agree, or ranks would take different paths.
             (n_bad,) = _all_reduce([0.0 if torch.isfinite(loss).item() else 1.0])

@@ -59,13 +59,14 @@ def runs(sample_data, tmp_path_factory):
     with open(zero3, "w") as f:
         json.dump({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
                                          "stage3_gather_16bit_weights_on_model_save": True}}, f)
-    one_micro = ["--micro-batch-size", "8"]  # ZeRO-3's known drift under accumulation: issue 15
+    # Accumulation of 4 over 20 steps: ZeRO-3 once kept only the last micro-batch's gradient.
+    accumulate = ["--micro-batch-size", "2", "--train-iters", "20", "--eval-interval", "10"]
     calls = [
         lf_args(sample_data, root / "run"),
         lf_args(sample_data, root / "part", "--exit-interval", "2"),
         lf_args(sample_data, root / "part", "--load", str(root / "part")),
-        lf_args(sample_data, root / "plain", *one_micro),
-        lf_args(sample_data, root / "zero3", *one_micro, "--deepspeed", "--deepspeed_config",
+        lf_args(sample_data, root / "plain", *accumulate),
+        lf_args(sample_data, root / "zero3", *accumulate, "--deepspeed", "--deepspeed_config",
                 zero3),
         lf_args(sample_data, root / "x", "--train-data-prefix", no_words),
         lf_args(sample_data, root / "y", "--seq-length", "2048"),
@@ -95,14 +96,18 @@ def test_resume_is_exact_with_dropout(runs):
     assert resumed["valid_loss"] == full["valid_loss"]
 
 
-def test_zero3_follows_the_plain_data_parallel_curve(runs):
+def test_zero3_with_accumulation_follows_the_plain_curve(runs):
     """ZeRO-3 gathers each module's parameters for its forward; the attention layer reads its
-    projections' weights inside one autograd Function, which must not see placeholders."""
+    projections' weights inside one autograd Function, which must not see placeholders. Under
+    gradient accumulation the trainer must close each micro-batch as `engine(...)` would, or
+    ZeRO-3 overwrites the accumulated gradient (6% off stage 0 by step 20 here)."""
     import torch
     (status, plain), (status3, zero3) = runs["plain"], runs["zero3"]
-    assert status == status3 == "ok"
+    assert status == status3 == "ok" and len(plain["loss"]) == 20
     torch.testing.assert_close(torch.tensor(zero3["loss"]), torch.tensor(plain["loss"]),
-                               rtol=1e-4, atol=0)
+                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(zero3["valid_loss"]),
+                               torch.tensor(plain["valid_loss"]), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("case, words", [
