@@ -57,8 +57,9 @@ HEAD_ORDERS = ("mod", "block")
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 # Gathered rows per kernel call: the chunk's x rows, q/k/v and their gradients are the only
-# transient buffers (a few tens of MB at width 512), so this bounds memory, not the length.
-_CHUNK_ROWS = 16384
+# transient buffers (8 MiB each at width 512), so this bounds memory, not the length. Calls
+# of 4096 rows still keep the kernel busy; larger ones only add a peak that SP cannot split.
+_CHUNK_ROWS = 4096
 # Queries per call for a branch spanning SP ranks (its mask is queries x keys of the segment).
 _SPAN_QUERIES = 2048
 
