@@ -15,7 +15,9 @@ export it (merged TP=1 safetensors + config + tokenizer, no pickle), which loads
 
 How a model generates is its registry record's `generation` strategy: `causal` continues the
 prompt (GPT / LingLong; a backward model writes what precedes it), `seq2seq` writes a target for
-the prompt as source (T5: `<extra_id_k>` marks a span to fill); a model declaring `none` (an
+the prompt as source (T5: `<extra_id_k>` marks a span to fill), `recurrent` reads the prompt in
+segments of any length and continues it with a rolling memory (Transformer-XL: each new token
+reads the last mem_length positions, their keys/values cached); a model declaring `none` (an
 encoder) does not generate, and this script says so and exits with status 1. A checkpoint of a
 model defined outside megatron_lite needs the `--model-module` it was trained with.
 """
@@ -33,8 +35,10 @@ from megatron_lite.checkpoint.checkpointing import (TOKENIZER_DIR, read_latest_t
                                                     read_model_states)
 from megatron_lite.checkpoint.verify import CheckpointInvalid, verify_tag
 from megatron_lite.data.tokenizer import load_tokenizer
-from megatron_lite.inference.export import export_safetensors, is_export, read_export
+from megatron_lite.inference.export import (CONFIG_FILE, export_safetensors, is_export,
+                                            read_export)
 from megatron_lite.inference.generation import generate
+from megatron_lite.inference.recurrent import check_segment_length, generate_recurrent
 from megatron_lite.inference.seq2seq import encode_source, generate_seq2seq
 from megatron_lite.models.registry import get_model_spec, import_model_modules
 from megatron_lite.parallel import ParallelState, RNGContext
@@ -65,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-start-token-id", type=int, default=None,
                    help="T5: first decoder id (default: the model's, the pad id; LongLM's "
                         "released scripts use 1)")
+    p.add_argument("--segment-length", type=int, default=None,
+                   help="Transformer-XL: prompt tokens read per forward (default: "
+                        "max_position_embeddings - mem_length)")
     p.add_argument("--no-eos-stop", action="store_true", help="do not stop at end of text")
     p.add_argument("--json", action="store_true", help="print one JSON line per prompt")
     p.add_argument("--export", nargs=2, metavar=("FORMAT", "DIR"), default=None,
@@ -80,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 def read_model(load_dir: str, ps: ParallelState, tag: str | None = None):
     """(this rank's state dict, spec, config dict, tokenizer dir) of a checkpoint or an export."""
     if is_export(load_dir):
+        _check_tp_size(load_dir, ps.tp_size)
         state, meta = read_export(load_dir, ps)
         model, model_config, module = meta["model"], meta["model_config"], meta.get("model_module")
         tokenizer_dir = os.path.join(load_dir, TOKENIZER_DIR)
@@ -105,6 +113,22 @@ def read_model(load_dir: str, ps: ParallelState, tag: str | None = None):
     except KeyError as e:
         raise SystemExit(f"error: {e.args[0]}") from None
     return state, spec, model_config, tokenizer_dir
+
+
+def _check_tp_size(export_dir: str, tp_size: int) -> None:
+    """An export loads at any TP size that divides the heads (and FFN, vocabulary); another is a
+    one-line error before any shard is cut."""
+    with open(os.path.join(export_dir, CONFIG_FILE), encoding="utf-8") as f:
+        config = json.load(f)
+    try:
+        spec = get_model_spec(config.get("model"), where=export_dir,
+                              module=config.get("model_module"))
+        spec.layout(spec.make_config(config["model_config"]), tp_size)
+    except KeyError as e:
+        raise SystemExit(f"error: {e.args[0]}") from None
+    except ValueError as e:
+        raise SystemExit(f"error: {export_dir} cannot run at model-parallel size {tp_size}: {e}; "
+                         f"launch a size that divides it") from None
 
 
 def load_model(load_dir: str, ps: ParallelState, tag: str | None = None):
@@ -173,8 +197,13 @@ class CausalGenerator(Generator):
         ids = [self.tokenizer.encode(p) for p in prompts]
         empty = [p for p, i in zip(prompts, ids) if not i]
         if empty:
-            raise SystemExit(f"prompt {empty[0]!r} encodes to no tokens")
+            raise SystemExit(f"error: prompt {empty[0]!r} encodes to no tokens; give text the "
+                             f"tokenizer keeps (a line of only spaces or control characters "
+                             f"is not one)")
         eos = None if self.args.no_eos_stop else self.tokenizer.eod_id
+        return self._run(ids, eos, seed)
+
+    def _run(self, ids, eos, seed):
         return generate(self.model, ids, self.args.max_new_tokens, eos_id=eos,
                         **self.sampling(seed))
 
@@ -183,22 +212,43 @@ class CausalGenerator(Generator):
         return r["completion"] + r["prompt"] if backward else r["prompt"] + r["completion"]
 
 
+class RecurrentGenerator(CausalGenerator):
+    """Continues the prompt with a rolling segment memory (Transformer-XL)."""
+
+    def __init__(self, model, tokenizer, args):
+        super().__init__(model, tokenizer, args)
+        try:  # a bad --segment-length (or a model without memory) is refused before any prompt
+            check_segment_length(model.cfg, args.segment_length)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+
+    def _run(self, ids, eos, seed):
+        return generate_recurrent(self.model, ids, self.args.max_new_tokens, eos_id=eos,
+                                  segment_length=self.args.segment_length, **self.sampling(seed))
+
+
 class Seq2SeqGenerator(Generator):
     """The prompt is the encoder's input (`<extra_id_k>` marks a span to fill) and the output the
     decoder's text, not a continuation of the prompt."""
 
+    def sources(self, prompts) -> list[list[int]]:
+        """Encoder ids, in the checkpoint's convention (an imported HF T5 ends them with </s>,
+        as transformers' tokenizer does; the decoder start is its config's too)."""
+        eos = getattr(self.model.cfg, "append_eos_to_source", False)
+        return [encode_source(self.tokenizer, p, append_eos=eos) for p in prompts]
+
     def generate(self, prompts, seed):
         eos = None if self.args.no_eos_stop else self.tokenizer.eos_id
         return generate_seq2seq(
-            self.model, [encode_source(self.tokenizer, p) for p in prompts],
-            self.args.max_new_tokens, eos_id=eos,
+            self.model, self.sources(prompts), self.args.max_new_tokens, eos_id=eos,
             decoder_start_token_id=self.args.decoder_start_token_id, **self.sampling(seed))
 
     def text(self, r: dict) -> str:
         return f"{r['prompt']}\t=> {r['completion']}"
 
 
-GENERATORS = {"causal": CausalGenerator, "seq2seq": Seq2SeqGenerator}
+GENERATORS = {"causal": CausalGenerator, "seq2seq": Seq2SeqGenerator,
+              "recurrent": RecurrentGenerator}
 """Generation strategy (ModelSpec.generation) -> its generator."""
 
 

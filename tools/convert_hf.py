@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Hugging Face interop: transformers model directories <-> our checkpoints, for every model
-whose registry record declares a converter (`ModelSpec.hf`; today T5 / LongLM).
+whose registry record declares a converter (`ModelSpec.hf`; today T5 / LongLM, dense GPT as
+GPT2LMHeadModel, Longformer).
 
     # a T5ForConditionalGeneration directory (config.json, weights, spiece.model), e.g. LongLM
     python tools/convert_hf.py import LongLM-small runs/longlm-small --tensor-model-parallel-size 2
@@ -40,6 +41,9 @@ from megatron_lite.data.tokenizer import load_tokenizer  # noqa: E402
 from megatron_lite.models.registry import (ConversionError, get_model_spec,  # noqa: E402
                                            import_model_modules, model_names)
 
+
+EXPORTED_TOKENIZER_DIR = "megatron_lite_tokenizer"
+"""Where an export keeps a tokenizer of ours that transformers has no class for."""
 
 # ---------------------------------------------------------------------------------------------
 # Reading a Hugging Face directory
@@ -106,10 +110,13 @@ def import_hf(hf_dir: str, out_dir: str, tp_size: int = 1, tokenizer_dir: str | 
     hf_cfg = read_hf_config(hf_dir)
     spec = converter_spec(model, hf_cfg)
     hf_sd = read_hf_state_dict(hf_dir)
+    # An export keeps a tokenizer transformers has no class for in megatron_lite_tokenizer/.
+    ours = os.path.join(hf_dir, EXPORTED_TOKENIZER_DIR)
+    tokenizer_dir = tokenizer_dir or (ours if os.path.isdir(ours) else hf_dir)
     try:
-        tokenizer = load_tokenizer(tokenizer_dir or hf_dir)
+        tokenizer = load_tokenizer(tokenizer_dir)
     except ValueError as e:
-        raise ConversionError(f"no tokenizer in {tokenizer_dir or hf_dir} ({e}); copy the model's "
+        raise ConversionError(f"no tokenizer in {tokenizer_dir} ({e}); copy the model's "
                               "tokenizer files there or pass --tokenizer DIR") from None
     try:
         cfg = spec.hf.config_from_hf(hf_cfg, hf_sd, tokenizer)
@@ -140,12 +147,16 @@ def export_hf(load_dir: str, out_dir: str, tag: str | None = None) -> str:
                               f"Hugging Face converter")
     cfg = spec.make_config(meta.model_config)
     tokenizer = load_tokenizer(os.path.join(ckpt_dir, TOKENIZER_DIR))
+    try:  # converted before anything is written: a refusal leaves no directory behind
+        hf_state, hf_config = spec.hf.state_to_hf(full, cfg, tokenizer), \
+            spec.hf.config_to_hf(cfg, tokenizer)
+    except ConversionError as e:
+        raise ConversionError(f"{ckpt_dir} cannot be exported: {e}") from None
     os.makedirs(out_dir, exist_ok=True)
     from safetensors.torch import save_file
-    save_file(spec.hf.state_to_hf(full, cfg, tokenizer), os.path.join(out_dir, "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(hf_state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(spec.hf.config_to_hf(cfg, tokenizer), f, indent=2)
+        json.dump(hf_config, f, indent=2)
     spec.hf.save_tokenizer(tokenizer, out_dir)
     return out_dir
 

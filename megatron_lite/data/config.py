@@ -6,8 +6,14 @@ subclass in its `ModelSpec`. Field docstrings become the flags' help (`--seq-len
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
+
+from megatron_lite.data.blend import parse_blend
+
+# A field taking several words: its flag takes one or more values, its YAML key a string or a
+# list, and the words are joined by spaces (Megatron's `--train-data-prefix 0.3 A 0.7 B`).
+WORDS = {"words": True}
 
 
 def _check(condition: bool, message: str):
@@ -18,10 +24,12 @@ def _check(condition: bool, message: str):
 
 @dataclass
 class DataConfig:
-    train_data_prefix: Optional[str] = None
-    """Indexed dataset prefix of the training split (P.bin / P.idx)."""
-    valid_data_prefix: Optional[str] = None
-    """Indexed dataset prefix of the validation split; None disables evaluation."""
+    train_data_prefix: Optional[str] = field(default=None, metadata=WORDS)
+    """Indexed dataset prefix of the training split (P.bin / P.idx), or a weighted blend of
+    several: WEIGHT PREFIX pairs, e.g. `0.3 data/a 0.7 data/b`."""
+    valid_data_prefix: Optional[str] = field(default=None, metadata=WORDS)
+    """Indexed dataset prefix of the validation split, or WEIGHT PREFIX pairs; None disables
+    evaluation."""
     tokenizer: Optional[str] = None
     """Tokenizer directory (as written by tools/train_tokenizer.py)."""
     seq_length: int = 256
@@ -45,3 +53,5 @@ class DataConfig:
         _check(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         _check(self.truncate in ("left", "reject"),
                f"truncate must be 'left' or 'reject', got {self.truncate!r}")
+        parse_blend(self.train_data_prefix, "train_data_prefix")  # bad weights fail here
+        parse_blend(self.valid_data_prefix, "valid_data_prefix")

@@ -4,6 +4,9 @@
   (`len()`, and `dataset[i]` for any global sample index i >= 0, as every objective in
   `objectives/` is), which the trainer walks with `TrainingSampler`; or a `BatchStream`, which
   yields this rank's micro-batches itself and whose position the trainer saves and restores.
+  A map-style dataset whose indices are already the training order sets `ordered = True` (a
+  blend of corpora, data.blend): the trainer then walks 0, 1, 2, ... without shuffling.
+  Optional, for logs: `corpus_epochs(consumed_samples) -> {corpus: epochs}` and `describe()`.
 - `predicted_targets(batch)`: the label ids a batch predicts, under either masking convention of
   the batch contract (`loss_mask`, or -100 labels for masked LM).
 - `bits_per_character`: the one definition of BPC every report uses.

@@ -31,11 +31,12 @@ from megatron_lite.parallel import gather_full_logits
 _SENTINEL = re.compile(r"<extra_id_(\d+)>")
 
 
-def encode_source(tokenizer, text: str) -> list[int]:
+def encode_source(tokenizer, text: str, append_eos: bool = False) -> list[int]:
     """Ids of an encoder input, with `<extra_id_k>` written in the text turned into the
     tokenizer's sentinel k, whether its sentinels live in the sentencepiece model (ours) or above
-    it (an HF T5 / LongLM vocabulary, which sentencepiece alone would split into pieces). No EOS
-    is appended: our objectives' encoder inputs have none."""
+    it (an HF T5 / LongLM vocabulary, which sentencepiece alone would split into pieces). EOS
+    ends it only with `append_eos` (a model config's append_eos_to_source: transformers'
+    T5Tokenizer convention, which imported checkpoints keep); our objectives' inputs have none."""
     ids, pos = [], 0
     for m in _SENTINEL.finditer(text):
         if m.start() > pos:
@@ -44,7 +45,7 @@ def encode_source(tokenizer, text: str) -> list[int]:
         pos = m.end()
     if pos < len(text):
         ids += tokenizer.encode(text[pos:])
-    return ids
+    return ids + [tokenizer.eos_id] if append_eos else ids
 
 
 @torch.no_grad()

@@ -11,7 +11,9 @@ only data preparation and generation care about that flag.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -24,9 +26,10 @@ from megatron_lite.data.objectives.causal_lm import CausalLMDataset
 from megatron_lite.data.objectives.prompt_text import PromptTextDataset
 from megatron_lite.data.tokenizer import check_tokenizer_hash
 from megatron_lite.models.blocks import (MaskCache, ParallelMLP, ParallelSelfAttention,
-                                         check_tp_divisible, layer_norm, padded_vocab_size,
-                                         position_embedding)
-from megatron_lite.models.registry import ModelSpec, register
+                                         check_tp_divisible, fuse_heads, layer_norm,
+                                         padded_vocab_size, position_embedding, resize_rows,
+                                         split_heads)
+from megatron_lite.models.registry import ConversionError, HFConverter, ModelSpec, register
 from megatron_lite.parallel import (ParallelState, RNGContext, VocabParallelEmbedding,
                                     parallel_lm_logits, vocab_parallel_cross_entropy)
 
@@ -306,6 +309,143 @@ def gpt_datasets(run, tokenizer, model_cfg: GPTConfig, ps: ParallelState) -> Dat
     return Datasets(train=causal(data.train_data_prefix), valid=valid)
 
 
+# ---------------------------------------------------------------------------------------------
+# Hugging Face interop (tools/convert_hf.py): transformers' GPT2LMHeadModel, for dense configs.
+#
+# The block is GPT-2's: pre-LN, learned positions, tanh GELU ("gelu_new"), a head tied to the
+# embedding, 1/sqrt(head_dim) attention. GPT-2 keeps its projections as Conv1D ([in, out], the
+# transpose of our Linear) and its fused q|k|v columns q-block, k-block, v-block; ours are
+# head-major rows ([heads, 3, head_dim]) so a TP shard is a block of whole heads. Vocabulary as
+# for T5: import copies the rows the tokenizer uses into our padded table, export writes exactly
+# vocab_size rows. GPT-2's byte-level BPE has no counterpart among our tokenizers: an imported
+# directory needs one of ours (--tokenizer DIR, or the megatron_lite_tokenizer/ an export leaves).
+
+_GPT2_GELU = ("gelu_new", "gelu_pytorch_tanh")  # both the tanh approximation ours computes
+
+
+def gpt_config_from_hf(hf_cfg: dict, hf_sd: dict, tokenizer) -> GPTConfig:
+    """Our config from a GPT2 config.json, checked against its weights and our tokenizer."""
+    def refuse(key, why):
+        raise ConversionError(f"config.json: {key}={hf_cfg.get(key)!r}: {why}")
+    if hf_cfg.get("activation_function", "gelu_new") not in _GPT2_GELU:
+        refuse("activation_function", f"our GPT computes the tanh GELU ({_GPT2_GELU[0]}) only")
+    if hf_cfg.get("tie_word_embeddings", True) is False:
+        refuse("tie_word_embeddings", "our GPT's output head is its embedding")
+    for key in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+        if hf_cfg.get(key):
+            refuse(key, "our GPT has no such option")
+    if hf_cfg.get("scale_attn_weights", True) is False:
+        refuse("scale_attn_weights", "our attention always scales by 1/sqrt(head_dim)")
+    rows = _gpt2_weights(hf_sd)["wte.weight"].shape[0]
+    if tokenizer.vocab_size > rows:
+        raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's "
+                              f"embedding only {rows} rows: they do not belong together")
+    return GPTConfig(
+        vocab_size=tokenizer.vocab_size, num_layers=int(hf_cfg["n_layer"]),
+        hidden_size=int(hf_cfg["n_embd"]), num_attention_heads=int(hf_cfg["n_head"]),
+        ffn_hidden_size=hf_cfg.get("n_inner"),
+        max_position_embeddings=int(hf_cfg["n_positions"]),
+        layernorm_epsilon=float(hf_cfg.get("layer_norm_epsilon", 1e-5)),
+        hidden_dropout=float(hf_cfg.get("resid_pdrop", 0.1)),
+        attention_dropout=float(hf_cfg.get("attn_pdrop", 0.1)),
+        init_std=float(hf_cfg.get("initializer_range", 0.02)))
+
+
+def _gpt2_weights(hf_sd: dict) -> dict:
+    """The GPT2 weights without the `transformer.` prefix (GPT2LMHeadModel's; the original GPT-2
+    files have none)."""
+    return {k.removeprefix("transformer."): v for k, v in hf_sd.items()}
+
+
+def _gpt2_map(cfg: GPTConfig) -> list[tuple[str, str, bool]]:
+    """(our name, GPT2 name, transposed: a Conv1D weight) of every tensor but q|k|v."""
+    pairs = [("position_embeddings.weight", "wpe.weight", False),
+             ("final_ln.weight", "ln_f.weight", False), ("final_ln.bias", "ln_f.bias", False)]
+    for i in range(cfg.num_layers):
+        ours, hf = f"layers.{i}", f"h.{i}"
+        for a, b in (("ln_attn", "ln_1"), ("ln_mlp", "ln_2")):
+            pairs += [(f"{ours}.{a}.weight", f"{hf}.{b}.weight", False),
+                      (f"{ours}.{a}.bias", f"{hf}.{b}.bias", False)]
+        for a, b in (("attn.out", "attn.c_proj"), ("mlp.fc1", "mlp.c_fc"),
+                     ("mlp.fc2", "mlp.c_proj")):
+            pairs += [(f"{ours}.{a}.weight", f"{hf}.{b}.weight", True),
+                      (f"{ours}.{a}.bias", f"{hf}.{b}.bias", False)]
+    return pairs
+
+
+def gpt_state_from_hf(hf_sd: dict, cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """Our full (TP=1) state dict from a GPT2LMHeadModel state dict."""
+    weights = _gpt2_weights(hf_sd)
+
+    def get(name):
+        if name not in weights:
+            raise ConversionError(f"the HF weights lack '{name}'; is this a GPT2LMHeadModel "
+                                  f"with {cfg.num_layers} layers?")
+        return weights[name]
+
+    heads = cfg.num_attention_heads
+    sd = {"word_embeddings.weight": resize_rows(get("wte.weight"), cfg.padded_vocab_size)}
+    for ours, theirs, transposed in _gpt2_map(cfg):
+        sd[ours] = get(theirs).t() if transposed else get(theirs)
+    for i in range(cfg.num_layers):
+        w = get(f"h.{i}.attn.c_attn.weight").t()  # [3h, h]: q rows, then k, then v
+        b = get(f"h.{i}.attn.c_attn.bias")
+        sd[f"layers.{i}.attn.qkv.weight"] = fuse_heads(list(w.chunk(3)), heads)
+        sd[f"layers.{i}.attn.qkv.bias"] = fuse_heads(list(b.chunk(3)), heads)
+    return {k: v.detach().clone().contiguous() for k, v in sd.items()}
+
+
+def _check_exportable(cfg: GPTConfig) -> None:
+    if cfg.sparse_attention:
+        raise ConversionError(
+            "this GPT's odd layers use LingLong's fixed sparse attention (sparse_attention: "
+            "true), which GPT2LMHeadModel cannot express (its attention is dense): exported, it "
+            "would compute another model. Only dense configs export")
+
+
+def gpt_state_to_hf(sd: dict, cfg: GPTConfig, tokenizer=None) -> dict[str, torch.Tensor]:
+    """A GPT2LMHeadModel state dict (exactly vocab_size rows) from our full state dict."""
+    _check_exportable(cfg)
+    heads = cfg.num_attention_heads
+    hf = {"transformer.wte.weight": sd["word_embeddings.weight"][:cfg.vocab_size]}
+    for ours, theirs, transposed in _gpt2_map(cfg):
+        hf[f"transformer.{theirs}"] = sd[ours].t() if transposed else sd[ours]
+    for i in range(cfg.num_layers):
+        q_k_v = split_heads(sd[f"layers.{i}.attn.qkv.weight"], heads, 3)
+        hf[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat(q_k_v).t()
+        hf[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat(
+            split_heads(sd[f"layers.{i}.attn.qkv.bias"], heads, 3))
+    return {k: v.contiguous() for k, v in hf.items()}
+
+
+def gpt_config_to_hf(cfg: GPTConfig, tokenizer) -> dict:
+    _check_exportable(cfg)
+    eod = tokenizer.eod_id if tokenizer is not None else None
+    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": cfg.vocab_size, "n_positions": cfg.max_position_embeddings,
+            "n_embd": cfg.hidden_size, "n_layer": cfg.num_layers,
+            "n_head": cfg.num_attention_heads, "n_inner": cfg.ffn_size,
+            "activation_function": "gelu_new", "layer_norm_epsilon": cfg.layernorm_epsilon,
+            "resid_pdrop": cfg.hidden_dropout, "embd_pdrop": cfg.hidden_dropout,
+            "attn_pdrop": cfg.attention_dropout, "initializer_range": cfg.init_std,
+            "tie_word_embeddings": True, "bos_token_id": eod, "eos_token_id": eod,
+            "pad_token_id": eod}
+
+
+def save_gpt_tokenizer(tokenizer, out_dir: str) -> None:
+    """Ours beside the weights: GPT-2's tokenizer classes read byte-level BPE only."""
+    tokenizer.save(os.path.join(out_dir, "megatron_lite_tokenizer"))
+
+
+GPT2_HF = HFConverter(
+    model_types=("gpt2",), config_from_hf=gpt_config_from_hf, state_from_hf=gpt_state_from_hf,
+    config_to_hf=gpt_config_to_hf, state_to_hf=gpt_state_to_hf,
+    save_tokenizer=save_gpt_tokenizer,
+    tokenizer_convention="GPT-2's byte-level BPE has no counterpart here: the tokenizer travels "
+                         "as megatron_lite_tokenizer/ (load it with megatron_lite.data.tokenizer."
+                         "load_tokenizer); the end-of-document token is GPT-2's bos/eos.")
+
+
 class GPT2Peer(nn.Module):
     """transformers' GPT2LMHeadModel in a GPTConfig's shape (dense attention, SDPA, the padded
     vocabulary, so its head does the same matmul), taking our causal-LM batches: the reference
@@ -333,4 +473,6 @@ class GPT2Peer(nn.Module):
 register(ModelSpec(
     name="gpt", config_cls=GPTConfig, build=build_gpt, build_data=gpt_datasets,
     objective="causal_lm", batch_keys=("input_ids", "labels", "loss_mask"),
-    flops_per_sample=flops_per_sample, generation="causal", benchmark_peer=GPT2Peer))
+    flops_per_sample=flops_per_sample, generation="causal", hf=GPT2_HF, benchmark_peer=GPT2Peer,
+    # Prompt/text pairs read from the input itself: the loss on the text only.
+    objectives={"prompt_text": lambda data, path: dataclasses.replace(data, finetune_data=path)}))

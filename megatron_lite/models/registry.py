@@ -31,7 +31,9 @@ _REGISTRY: dict[str, "ModelSpec"] = {}
 GENERATION_STRATEGIES = ("causal", "seq2seq", "recurrent", "none")
 """How `generate.py` drives a model: a decoder continuing a prompt (`causal`), an encoder-decoder
 writing a target for a source (`seq2seq`), a decoder carrying segment memory (`recurrent`, for
-Transformer-XL), or not at all (`none`: an encoder, for which generate.py says so and exits 1)."""
+Transformer-XL: its module has `forward(ids, memory=...) -> (logits, memory)`, and
+`generation_cache()` / `forward_cached(ids, cache) -> logits` to roll the memory as cached keys and
+values), or not at all (`none`: an encoder, for which generate.py says so and exits 1)."""
 
 
 class ConversionError(ValueError):
@@ -145,6 +147,10 @@ class ModelSpec:
     """`eval_metrics(module, batch) -> {name: (numerator, denominator)}`: summed over the
     validation batches and ranks, reported as numerator / denominator (`valid_<name>`) at each
     evaluation beside the loss (a classifier's accuracy)."""
+    objectives: dict = field(default_factory=dict, compare=False)
+    """Objectives `build_data` can make besides `objective`, which `tools/evaluate.py
+    --objective NAME` selects: name -> `(data config, input jsonl path) -> data config` (T5's
+    span corruption alone: the continuation weight set to 0)."""
     module: str | None = field(default=None, compare=False)
     """The `--model-module` that registered it (None for the package's own models)."""
 

@@ -30,6 +30,7 @@ head-major ([heads, 2, d_kv] rows for the fused key/value), so a shard is a cont
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -101,6 +102,11 @@ class T5Config:
     decoder_start_token_id: Optional[int] = None
     """First decoder input. None means pad_token_id, T5's convention, which LongLM's fine-tuning
     code also uses; LongLM's released generation scripts pass 1 (`</s>`) instead."""
+    append_eos_to_source: bool = False
+    """End every encoder input with `</s>`, as transformers' T5Tokenizer does. Our objectives'
+    convention is none; `tools/convert_hf.py import` sets it (with decoder_start_token_id, the
+    other convention an HF checkpoint brings), and generation, evaluation and the objectives
+    follow it. A run may change it (a fine-tune switches the checkpoint's convention)."""
 
     def __post_init__(self):
         self.validate()
@@ -590,7 +596,8 @@ def t5_objective_dataset(indexed, tokenizer, data: T5DataConfig, model_cfg: T5Co
                          return_source: bool = False):
     """The span-corruption / continuation mixture over one indexed dataset."""
     common = dict(max_source_length=data.seq_length, max_target_length=data.decoder_seq_length,
-                  decoder_start_token_id=model_cfg.decoder_start_id, return_source=return_source)
+                  decoder_start_token_id=model_cfg.decoder_start_id, return_source=return_source,
+                  source_eos=model_cfg.append_eos_to_source)
     parts, weights = [], []
     if data.span_corruption_weight > 0:
         parts.append(SpanCorruptionDataset(
@@ -688,7 +695,8 @@ def t5_config_from_hf(hf_cfg: dict, hf_sd: dict, tokenizer) -> T5Config:
         layernorm_epsilon=float(hf_cfg.get("layer_norm_epsilon", 1e-6)),
         hidden_dropout=dropout, attention_dropout=dropout, feed_forward_proj=proj,
         tie_word_embeddings=scaled, initializer_factor=float(hf_cfg.get("initializer_factor", 1.0)),
-        pad_token_id=pad, decoder_start_token_id=None if start in (None, pad) else int(start))
+        pad_token_id=pad, decoder_start_token_id=None if start in (None, pad) else int(start),
+        append_eos_to_source=True)  # transformers' T5Tokenizer ends every text with </s>
 
 
 # Parameter layouts. HF keeps q, k, v as separate [inner, h] matrices; ours fuses k and v
@@ -844,11 +852,17 @@ T5_HF = HFConverter(
     model_types=("t5",), config_from_hf=t5_config_from_hf, state_from_hf=t5_state_from_hf,
     config_to_hf=hf_config_from_t5, state_to_hf=t5_state_to_hf, save_tokenizer=save_t5_tokenizer,
     tokenizer_convention="transformers' T5Tokenizer appends </s> to every encoded text; our "
-                         "objectives' encoder inputs carry none.")
+                         "objectives' encoder inputs carry none, so an import sets "
+                         "append_eos_to_source (and decoder_start_token_id from config.json).")
 
 register(ModelSpec(
     name="t5", config_cls=T5Config, build=build_t5, build_data=t5_datasets,
     objective="t5_mixed", data_config_cls=T5DataConfig,
     batch_keys=("encoder_input_ids", "decoder_input_ids", "labels", "loss_mask"),
     flops_per_sample=flops_per_sample, tokens_per_sample=tokens_per_sample,
-    generation="seq2seq", hf=T5_HF, benchmark_peer=HFT5Peer))
+    generation="seq2seq", hf=T5_HF, benchmark_peer=HFT5Peer,
+    # Either half of LongLM's mixture alone.
+    objectives={
+        "span_corruption": lambda data, path: dataclasses.replace(data, continuation_weight=0.0),
+        "continuation": lambda data, path: dataclasses.replace(data,
+                                                               span_corruption_weight=0.0)}))

@@ -44,11 +44,13 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_lite.data.contract import Datasets
 from megatron_lite.data.indexed_dataset import IndexedDataset
+from megatron_lite.data.objectives.prompt_text import PromptTextDataset
 from megatron_lite.data.objectives.xl_stream import XLStreamBatcher
+from megatron_lite.data.sampler import TrainingSampler, collate
 from megatron_lite.data.tokenizer import check_tokenizer_hash
-from megatron_lite.models.blocks import (ParallelMLP, check_tp_divisible, layer_norm,
-                                         padded_vocab_size)
-from megatron_lite.models.registry import ModelSpec, register
+from megatron_lite.models.blocks import (KVCache, ParallelMLP, check_tp_divisible, fuse_heads,
+                                         layer_norm, padded_vocab_size, resize_rows)
+from megatron_lite.models.registry import ConversionError, ModelSpec, register
 from megatron_lite.parallel import (ColumnParallelLinear, ParallelState, RNGContext,
                                     RowParallelLinear, VocabParallelEmbedding,
                                     parallel_lm_logits, set_init, set_partition_tags,
@@ -176,25 +178,30 @@ class RelativeSelfAttention(nn.Module):
     the output row-parallel (its all-reduce is the block's only communication)."""
 
     def __init__(self, cfg: TransformerXLConfig, ps: ParallelState, rng: RNGContext, *,
-                 out_init_std: float, site: str):
+                 out_init_std: float, layer_idx: int):
         super().__init__()
         h = cfg.hidden_size
         self.head_dim = h // cfg.num_attention_heads
         self.local_heads = cfg.num_attention_heads // ps.tp_size
-        self.attention_dropout, self.rng, self.site = cfg.attention_dropout, rng, site
+        self.attention_dropout, self.rng = cfg.attention_dropout, rng
+        self.layer_idx, self.site = layer_idx, f"layers.{layer_idx}.attn_probs"
         self.qkv = ColumnParallelLinear(h, 3 * h, ps, init_std=cfg.init_std)
         self.relative = ColumnParallelLinear(h, h, ps, init_std=cfg.init_std)
         self.out = RowParallelLinear(h, h, ps, init_std=out_init_std)
 
-    def forward(self, x, mem, pos_emb, r_w_bias, r_r_bias, mask):
+    def forward(self, x, mem, pos_emb, r_w_bias, r_r_bias, mask, cache=None):
         """x [b, s, h] and mem [b, m, h] (both layer-normed), pos_emb [m + s, h] (distances
-        m+s-1..0), r_*_bias [local heads, head_dim], mask bool [b, 1, s, m + s]."""
+        m+s-1..0), r_*_bias [local heads, head_dim], mask bool [b, 1, s, m + s]. With a
+        `RollingKVCache` (generation), mem is None and the memory's keys/values come from it."""
         b, s, _ = x.shape
-        keys_in = torch.cat([mem, x], dim=1) if mem.shape[1] else x
+        keys_in = x if cache is not None or not mem.shape[1] else torch.cat([mem, x], dim=1)
         klen = keys_in.shape[1]
         qkv = self.qkv(keys_in).view(b, klen, self.local_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [b, local_heads, klen, head_dim]
         q = q[:, :, klen - s:]
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+            klen = k.shape[2]
         r = self.relative(pos_emb).view(klen, self.local_heads, self.head_dim).transpose(0, 1)
         scale = self.head_dim ** -0.5
         position = rel_shift(torch.matmul(q + r_r_bias[:, None], r.transpose(1, 2)))
@@ -213,6 +220,25 @@ class RelativeSelfAttention(nn.Module):
         return self.out(ctx.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
 
 
+class RollingKVCache(KVCache):
+    """Generation's memory as keys and values: per layer those of the last `mem_length` positions
+    (this rank's heads), so a step projects only its new tokens instead of recomputing the
+    memory's keys/values from its hidden states. Positions are relative, so a key does not
+    depend on where it sits and the window simply rolls."""
+
+    def __init__(self, num_layers: int, mem_length: int):
+        super().__init__(num_layers)
+        self.mem_length = mem_length
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        """The keys/values a segment attends to (memory, then its own), keeping the last
+        mem_length of them for the next one: what `_next_memory` keeps of the hidden states."""
+        k, v = super().update(layer_idx, k, v)
+        start = max(k.shape[2] - self.mem_length, 0)
+        self.keys[layer_idx], self.values[layer_idx] = k[:, :, start:], v[:, :, start:]
+        return k, v
+
+
 class XLLayer(nn.Module):
     def __init__(self, cfg: TransformerXLConfig, layer_idx: int, ps: ParallelState,
                  rng: RNGContext):
@@ -221,8 +247,7 @@ class XLLayer(nn.Module):
         # GPT-2 scaled init for the projections writing into the residual stream.
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         self.ln_attn = layer_norm(cfg.hidden_size, cfg.layernorm_epsilon)
-        self.attn = RelativeSelfAttention(cfg, ps, rng, out_init_std=out_std,
-                                          site=f"layers.{layer_idx}.attn_probs")
+        self.attn = RelativeSelfAttention(cfg, ps, rng, out_init_std=out_std, layer_idx=layer_idx)
         self.ln_mlp = layer_norm(cfg.hidden_size, cfg.layernorm_epsilon)
         self.mlp = ParallelMLP(cfg.hidden_size, cfg.ffn_size, ps, init_std=cfg.init_std,
                                out_init_std=out_std)
@@ -232,9 +257,10 @@ class XLLayer(nn.Module):
         return self.rng.dropout(x, self.hidden_dropout, f"layers.{self.layer_idx}.{site}",
                                 tp_region=False, training=self.training)
 
-    def forward(self, x, mem, pos_emb, r_w_bias, r_r_bias, mask):
+    def forward(self, x, mem, pos_emb, r_w_bias, r_r_bias, mask, cache=None):
         # The memory was this layer's input: normed the same way, keys and values see both alike.
-        attn = self.attn(self.ln_attn(x), self.ln_attn(mem), pos_emb, r_w_bias, r_r_bias, mask)
+        mem = None if cache is not None else self.ln_attn(mem)
+        attn = self.attn(self.ln_attn(x), mem, pos_emb, r_w_bias, r_r_bias, mask, cache)
         x = x + self._drop(attn, "attn_out")
         return x + self._drop(self.mlp(self.ln_mlp(x)), "mlp_out")
 
@@ -302,7 +328,13 @@ class TransformerXLModel(nn.Module):
         if document_start is None:
             document_start = torch.zeros(b, s, dtype=torch.bool, device=input_ids.device)
         doc = document_start.long().cumsum(dim=1)
-        mask = xl_mask(doc, mem_open)
+        read, read_open = mems, mem_open
+        if attention_mask is None and mem_open.shape[1] and bool(document_start[:, 0].all()):
+            # Every row starts a document (prompt/text fine-tuning): the mask would hide the whole
+            # memory, so it is not read at all (the next memory is the same either way).
+            read, read_open = [m[:, :0] for m in mems], mem_open[:, :0]
+            klen = s
+        mask = xl_mask(doc, read_open)
         if attention_mask is not None:
             mask = mask & attention_mask
         x = self.rng.dropout(x, self.cfg.hidden_dropout, "embedding", tp_region=False,
@@ -310,7 +342,7 @@ class TransformerXLModel(nn.Module):
         pos_emb = sinusoid(klen, self.cfg.hidden_size, x.device, x.dtype)
         recompute = self.checkpoint_activations and self.training
         inputs = []
-        for layer, mem in zip(self.layers, mems):
+        for layer, mem in zip(self.layers, read):
             inputs.append(x)
             args = (x, mem, pos_emb, self.r_w_bias, self.r_r_bias, mask)
             # The stateless RNG reseeds every dropout from (step, site): the recompute in
@@ -318,6 +350,27 @@ class TransformerXLModel(nn.Module):
             x = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
         logits = parallel_lm_logits(self.final_ln(x), self.word_embeddings.weight, self.ps)
         return logits, self._next_memory(mems, inputs, mem_open, doc)
+
+    def generation_cache(self) -> RollingKVCache:
+        """An empty memory for `forward_cached` (generation's rolling keys/values)."""
+        return RollingKVCache(self.cfg.num_layers, self.cfg.mem_length)
+
+    def forward_cached(self, input_ids, cache: RollingKVCache):
+        """Generation: the logits shard of `input_ids` [b, s] continuing the text whose last
+        positions' keys/values `cache` holds (empty at the start), which it then rolls on. Equal
+        to `forward(input_ids, memory)` with the hidden-state memory of the same positions; no
+        documents (the text is one)."""
+        b, s = input_ids.shape
+        m = cache.seq_len
+        if m + s > self.cfg.max_position_embeddings:
+            raise ValueError(f"{m} remembered + {s} segment positions exceed "
+                             f"max_position_embeddings={self.cfg.max_position_embeddings}")
+        x = self.word_embeddings(input_ids)
+        pos_emb = sinusoid(m + s, self.cfg.hidden_size, x.device, x.dtype)
+        mask = torch.ones(s, m + s, dtype=torch.bool, device=x.device).tril(m)[None, None]
+        for layer in self.layers:
+            x = layer(x, None, pos_emb, self.r_w_bias, self.r_r_bias, mask, cache)
+        return parallel_lm_logits(self.final_ln(x), self.word_embeddings.weight, self.ps)
 
     def _next_memory(self, mems, inputs, mem_open, doc) -> dict:
         """The last mem_length positions of cat(memory, segment) of every layer's input, detached,
@@ -341,6 +394,88 @@ class TransformerXLModel(nn.Module):
         mask = batch["loss_mask"].to(per_token.dtype)
         n_tokens = mask.sum()
         return (per_token * mask).sum() / n_tokens.clamp(min=1), n_tokens, memory
+
+
+# ---------------------------------------------------------------------------------------------
+# Chinese-Transformer-XL's released checkpoint (tools/convert_txl.py)
+#
+# The release is one `mp_rank_00_model_states.pt` (MP=1) whose `module` holds GPT2Model's names.
+# Its fused query_key_value rows are [q; k; v], each [heads, head_dim] (at MP=1 the stride-3
+# ColumnParallelLinear's three blocks), where ours are head-major [heads, 3, head_dim].
+
+_RELEASED_NAMES = {  # theirs -> ours, {i}: layer index
+    "word_embeddings.weight": "word_embeddings.weight",
+    "transformer.r_w_bias": "r_w_bias",
+    "transformer.r_r_bias": "r_r_bias",
+    "transformer.final_layernorm.weight": "final_ln.weight",
+    "transformer.final_layernorm.bias": "final_ln.bias",
+    **{f"transformer.layers.{{i}}.{theirs}.{kind}": f"layers.{{i}}.{ours}.{kind}"
+       for theirs, ours in (("input_layernorm", "ln_attn"),
+                            ("attention.query_key_value", "attn.qkv"),
+                            ("attention.relative", "attn.relative"),
+                            ("attention.dense", "attn.out"),
+                            ("post_attention_layernorm", "ln_mlp"),
+                            ("mlp.dense_h_to_4h", "mlp.fc1"), ("mlp.dense_4h_to_h", "mlp.fc2"))
+       for kind in ("weight", "bias")},
+}
+_RELEASED_BUFFERS = ("transformer.position_embeddings.inv_freq",)  # the sinusoids' frequencies
+
+
+def _released_template(name: str) -> tuple[str, int | None]:
+    """(the name with its layer index as {i}, the index) of one of their parameter names."""
+    parts = name.split(".")
+    if len(parts) > 3 and parts[:2] == ["transformer", "layers"] and parts[2].isdigit():
+        return ".".join(parts[:2] + ["{i}"] + parts[3:]), int(parts[2])
+    return name, None
+
+
+def released_config(state: dict, vocab_size: int, **fields) -> TransformerXLConfig:
+    """Our config for their weights `state` (their names); `fields` give what the weights do not
+    say (mem_length, max_position_embeddings, ...). Unknown names are a ConversionError listing
+    the first few."""
+    unknown = [n for n in state if n not in _RELEASED_BUFFERS
+               and _released_template(n)[0] not in _RELEASED_NAMES]
+    if unknown:
+        raise ConversionError(f"{len(unknown)} parameter name(s) are not Chinese-Transformer-XL's "
+                              f"(GPT2Model with --transformer-xl), e.g. {unknown[:4]}; give its "
+                              f"released mp_rank_00_model_states.pt")
+    missing = [k for k in ("word_embeddings.weight", "transformer.r_w_bias") if k not in state]
+    if missing:
+        raise ConversionError(f"no {missing[0]} among the weights: not a Transformer-XL "
+                              f"(--transformer-xl) checkpoint of Chinese-Transformer-XL")
+    rows, hidden = state["word_embeddings.weight"].shape
+    if rows < vocab_size:
+        raise ConversionError(f"word_embeddings.weight has {rows} rows but the vocabulary "
+                              f"{vocab_size} ids: give the sentencepiece model it was trained with")
+    layers = 1 + max((_released_template(n)[1] for n in state
+                      if _released_template(n)[1] is not None), default=-1)
+    heads = state["transformer.r_w_bias"].shape[0]
+    fc1 = state.get("transformer.layers.0.mlp.dense_h_to_4h.weight")
+    ffn = fc1.shape[0] if fc1 is not None else None  # (a missing weight is named when sharding)
+    try:
+        return TransformerXLConfig(vocab_size=vocab_size, num_layers=layers, hidden_size=hidden,
+                                   num_attention_heads=heads, ffn_hidden_size=ffn, **fields)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+
+
+def state_from_released(state: dict, cfg: TransformerXLConfig) -> dict:
+    """Our full (TP=1) state dict, float32, from their weights (names checked by
+    `released_config`); the vocabulary rows cut or zero-padded to our padded size."""
+    heads = cfg.num_attention_heads
+    out = {}
+    for name, tensor in state.items():
+        if name in _RELEASED_BUFFERS:
+            continue
+        template, i = _released_template(name)
+        ours = _RELEASED_NAMES[template].format(i=i)
+        tensor = tensor.float()
+        if template.startswith("transformer.layers.{i}.attention.query_key_value."):
+            tensor = fuse_heads(list(tensor.chunk(3, dim=0)), heads)  # [q; k; v] -> head-major
+        elif ours == "word_embeddings.weight":
+            tensor = resize_rows(tensor[:cfg.vocab_size], cfg.padded_vocab_size)
+        out[ours] = tensor.contiguous()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,6 +518,67 @@ def build_transformer_xl(cfg: TransformerXLConfig, ps: ParallelState,
     return TransformerXLModel(cfg, ps, rng)
 
 
+class PromptTextStream:
+    """Prompt/text fine-tuning (`--finetune-data`, the loss on the text only) as the stream a
+    model with per-stream state trains on: global row g of step t is pair t * G + g of the
+    sampler's shuffled order (the order a map-style dataset would be read in), and every pair is
+    a document of its own (`document_start` at its first position), so no memory crosses pairs
+    and the model skips reading it."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1,
+                 *, accumulation: int = 1):
+        self.dataset, self.batch_size, self.seed = dataset, int(batch_size), int(seed)
+        self.dp_rank, self.dp_size, self.slots = int(dp_rank), int(dp_size), int(accumulation)
+        self.global_rows = self.batch_size * self.dp_size * self.slots
+        self.order = TrainingSampler(len(dataset), 1, 0, 1, seed=self.seed)
+        self.step, self.slot = 0, 0
+
+    @classmethod
+    def for_run(cls, dataset, run, dp_rank: int, dp_size: int) -> "PromptTextStream":
+        tcfg = run.training
+        accumulation = max(1, tcfg.global_batch_size // (tcfg.micro_batch_size * dp_size))
+        return cls(dataset, tcfg.micro_batch_size, tcfg.seed, dp_rank, dp_size,
+                   accumulation=accumulation)
+
+    rows = XLStreamBatcher.rows  # the same split of global rows into slots and DP ranks
+
+    def batch(self, step: int, slot: int = 0) -> dict:
+        first = self.rows(slot)[0]
+        indices = self.order.global_indices(step * self.global_rows + first, self.batch_size)
+        batch = collate([self.dataset[i] for i in indices])
+        starts = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+        starts[:, 0] = True
+        return dict(batch, document_start=starts)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = self.batch(self.step, self.slot)
+        self.slot += 1
+        if self.slot == self.slots:
+            self.step, self.slot = self.step + 1, 0
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "slot": self.slot, "global_rows": self.global_rows,
+                "seed": self.seed}
+
+    def load_state_dict(self, state: dict, *, regroup: bool = False) -> None:
+        if state.get("seed") != self.seed:
+            raise ValueError(f"the fine-tuning position was saved with seed {state.get('seed')}, "
+                             f"this run has {self.seed}; resume with the same --seed")
+        step, slot, rows = int(state["step"]), int(state["slot"]), int(state["global_rows"])
+        if rows != self.global_rows:
+            if not regroup or slot:
+                raise ValueError(f"the fine-tuning position was saved with a global batch of "
+                                 f"{rows}, this run has {self.global_rows}; resume with the same "
+                                 f"global batch size")
+            # Pairs are independent: the new rows start at the first pair not yet read.
+            step, slot = -(-step * rows // self.global_rows), 0
+        self.step, self.slot = step, slot
+
+
 def xl_datasets(run, tokenizer, cfg: TransformerXLConfig, ps: ParallelState) -> Datasets:
     """Contiguous streams (xl_stream) over the indexed train/valid prefixes: one row per global
     batch sample, each micro-batch slot of each DP rank continuing its own rows."""
@@ -390,8 +586,9 @@ def xl_datasets(run, tokenizer, cfg: TransformerXLConfig, ps: ParallelState) -> 
     if tokenizer is None:
         raise ValueError("no tokenizer: set data.tokenizer in the config or pass --tokenizer DIR")
     if data.finetune_data:
-        raise ValueError("transformer_xl pretrains on contiguous streams; it has no prompt/text "
-                         "fine-tuning (--finetune-data): fine-tune a gpt model instead")
+        pairs = PromptTextDataset(data.finetune_data, tokenizer, data.seq_length,
+                                  truncate=data.truncate, eod_id=tokenizer.eod_id)
+        return Datasets(train=PromptTextStream.for_run(pairs, run, ps.dp_rank, ps.dp_size))
     if not data.train_data_prefix:
         raise ValueError("no training data: set data.train_data_prefix in the config or pass "
                          "--train-data-prefix PREFIX (made by tools/preprocess_data.py)")

@@ -372,6 +372,8 @@ def _load_yaml(path: str, fields: dict[str, dict[str, dataclasses.Field]],
                 raise ConfigError(f"{path}: unknown key {key!r} in section '{section}'"
                                   f"{_suggest(str(key), fields[section])} (line {line})")
             tp = hints[section][key]
+            if fields[section][key].metadata.get("words") and isinstance(value, list):
+                value = " ".join(map(str, value))
             try:
                 values[section][key] = _convert(value, tp, from_cli=False)
             except ValueError:
@@ -441,8 +443,9 @@ def _build_parser(classes: dict[str, type], fields, hints
                 group.add_argument(names[1], dest=dest, action="store_const", const=False,
                                    default=argparse.SUPPRESS, help=f"set {field.name} false")
             else:
+                words = {"nargs": "+"} if field.metadata.get("words") else {}
                 group.add_argument(flag, dest=dest, default=argparse.SUPPRESS,
-                                   metavar=field.name.upper(),
+                                   metavar=field.name.upper(), **words,
                                    help=f"{help_text} ({_type_name(tp)})".strip())
     return parser, dests
 
@@ -521,6 +524,8 @@ def parse_config(argv: list[str] | None, model_config_cls, *,
     for dest, (section, name) in dests.items():
         if hasattr(args, dest):
             raw = getattr(args, dest)
+            if isinstance(raw, list):  # a field of several words (nargs="+")
+                raw = " ".join(raw)
             tp = hints[section][name]
             try:
                 values[section][name] = raw if isinstance(raw, bool) else _convert(raw, tp, True)

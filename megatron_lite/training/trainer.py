@@ -36,6 +36,7 @@ from megatron_lite.checkpoint.metadata import CheckpointMeta
 from megatron_lite.checkpoint.verify import CheckpointInvalid, select_tag
 from megatron_lite.checkpoint.reshard import (layout_universal_checkpoint_info,
                                               resume_engine_config)
+from megatron_lite.data.blend import build_datasets
 from megatron_lite.data.contract import bits_per_character, is_stream, predicted_targets
 from megatron_lite.data.sampler import TrainingSampler, collate
 from megatron_lite.data.tokenizer import load_tokenizer
@@ -50,7 +51,7 @@ from megatron_lite.training.logger import MetricsLogger
 from megatron_lite.training.mfu import peak_flops_per_rank
 
 # Model-config fields that may differ between a checkpoint and the run that loads it.
-RUNTIME_MODEL_FIELDS = {"hidden_dropout", "attention_dropout"}
+RUNTIME_MODEL_FIELDS = {"hidden_dropout", "attention_dropout", "append_eos_to_source"}
 
 
 def run_main(main) -> int:
@@ -134,9 +135,12 @@ class Trainer:
         self.loaded_from = None  # the checkpoint directory resumed from
         meta = self._load() if tcfg.load else None
         try:
-            self.data = spec.build_data(run, self.tokenizer, self.cfg, self.ps)
+            self.data = build_datasets(spec.build_data, run, self.tokenizer, self.cfg, self.ps)
         except (ValueError, FileNotFoundError) as e:  # the data builders' bad-input errors
             raise ConfigError(f"data: {e}") from None
+        describe = getattr(self.data.train, "describe", None)  # a blend names its corpora
+        if describe is not None and describe():
+            self.notes.append(f"training data blends {describe()}")
         self.train_batches = self._train_batches(meta)
         self.valid_start = self.data.valid.state_dict() if is_stream(self.data.valid) else None
         self._checked_batch = False
@@ -339,7 +343,8 @@ class Trainer:
             return train
         sampler = TrainingSampler(len(train), self.tcfg.micro_batch_size, self.ps.dp_rank,
                                   self.ps.dp_size, consumed_samples=self.consumed,
-                                  seed=self.tcfg.seed)
+                                  seed=self.tcfg.seed,
+                                  shuffle=not getattr(train, "ordered", False))
         return (collate([train[i] for i in indices]) for indices in sampler)
 
     def _valid_batches(self):
@@ -452,8 +457,15 @@ class Trainer:
                    if self.peak else None)
             self.logger.log(step, loss=result.loss, lr=self.engine.get_lr()[0],
                             grad_norm=result.grad_norm, tokens_per_sec=tps, mfu=mfu,
-                            consumed_samples=self.consumed, skipped_steps=self.skipped_total)
+                            consumed_samples=self.consumed, skipped_steps=self.skipped_total,
+                            **self._corpus_epochs())
         self.logger.advance(1, loss=result.loss)
+
+    def _corpus_epochs(self) -> dict:
+        """`epochs/<corpus>` of a blend (data.blend): how far each corpus has been read."""
+        epochs = getattr(self.data.train, "corpus_epochs", None)
+        return {f"epochs/{name}": value for name, value in epochs(self.consumed).items()} \
+            if epochs else {}
 
     # ------------------------------------------------------------------------------ evaluation
     @torch.no_grad()

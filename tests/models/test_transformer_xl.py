@@ -9,6 +9,7 @@
   relative projection's bias included), over two segments, the second reading the first's memory.
 - change_mp.py round trips 4 -> 2 -> 1 -> 4 bit for bit (the anchor merged `relative.weight` and
   r_w / r_r on the wrong dimension and dropped `relative.bias`).
+- A memory every row hides (each starts a document) is skipped, not read.
 - Bad configs are one-line errors naming the field.
 """
 import contextlib
@@ -153,6 +154,22 @@ def test_segments_with_memory_equal_one_pass_with_the_xl_mask(seg, mem):
     # And the memory matters: without it the segments after the first are scored otherwise.
     alone, _ = model(ids[:, seg:2 * seg])
     assert (alone[..., :VOCAB] - want[:, seg:2 * seg]).abs().max() > 1e-3
+
+
+def test_a_memory_every_row_hides_is_not_read():
+    """Each row starting a document (prompt/text fine-tuning): the memory is skipped, which gives
+    the logits of no memory and the next memory of reading it (old positions closed)."""
+    model = build(make_cfg(mem_length=8), ParallelState.single(), dtype=torch.float64)
+    ids, _ = text_batch(2, 12)
+    with torch.no_grad():
+        _, memory = model(ids[:, :6])
+        starts = torch.zeros(2, 6, dtype=torch.bool)
+        starts[:, 0] = True
+        logits, following = model(ids[:, 6:], memory=memory, document_start=starts)
+        alone, _ = model(ids[:, 6:])
+    torch.testing.assert_close(logits, alone, atol=1e-10, rtol=0)
+    assert following["hidden"][0].shape == (2, 8, 32)
+    assert following["open"].tolist() == [[False] * 2 + [True] * 6] * 2
 
 
 def test_rel_shift_equals_the_explicit_lookup_where_the_mask_keeps():

@@ -180,6 +180,27 @@ def test_metrics_and_checkpoint_metadata(gpt_data, tmp_path):
     assert (save / "global_step3" / "tokenizer").is_dir()
 
 
+def test_blended_corpora_resume_exactly_and_log_epochs(gpt_data, tmp_path):
+    """`--train-data-prefix 0.3 A 0.7 B` (data/blend.py): a resumed run continues the very same
+    blend, and each corpus's epochs are logged."""
+    train, valid = str(gpt_data / "train"), str(gpt_data / "valid")
+    blend = ["--train-data-prefix", "0.3", train, "0.7", valid,
+             "--valid-data-prefix", "1", valid, "1", train, "--eval-iters", "1"]
+    full_dir = tmp_path / "full"
+    full = run_distributed(_train, 1, gpt_args(gpt_data, full_dir, *blend, "--save-interval", "3",
+                                                iters=6))[0]
+    (full_dir / "latest").write_text("global_step3")  # resume from the middle of the run
+    second = run_distributed(_train, 1, gpt_args(gpt_data, tmp_path / "part", *blend, "--load",
+                                                  str(full_dir), iters=6))[0]
+    assert second["loss"] == full["loss"][3:]  # bit-identical
+    rows = [r for r in read_metrics(full_dir) if "loss" in r][:6]
+    # 6 steps of 8 samples: 0.3 x 48 = 14.4 from train, 33.6 from valid (within 1).
+    last = rows[-1]
+    assert last["consumed_samples"] == 48
+    assert {k for k in last if k.startswith("epochs/")} == {"epochs/train", "epochs/valid"}
+    assert last["epochs/valid"] > rows[0]["epochs/valid"] > 0
+
+
 def test_srun_without_a_launcher_is_refused(monkeypatch):
     """Several SLURM tasks but no launcher: each would silently train alone; refuse instead."""
     from megatron_lite.training.config import ConfigError

@@ -165,11 +165,12 @@ def test_bad_input_is_one_line_naming_the_value_and_the_fix(runs, case, words):
         assert word in message, message
 
 
-def test_generate_says_recurrent_generation_is_not_implemented_yet(runs):
-    """Generation with the memory is issue 14; until then generate.py says so in one line."""
-    status, message, _ = runs["generate"]
-    assert status == "error" and "\n" not in message
-    assert "'transformer_xl' model" in message and "'recurrent'" in message
+def test_generate_continues_a_prompt_from_the_trained_checkpoint(runs):
+    """generate.py drives the checkpoint through its `recurrent` strategy (rolling memory; the
+    generation tests are tests/inference/test_recurrent_generation.py)."""
+    status, _, log = runs["generate"]
+    assert status == "ok", log
+    assert "中国" in log
 
 
 def test_learning_judgement_on_a_briefly_trained_checkpoint(runs, gpt_data):

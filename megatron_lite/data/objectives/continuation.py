@@ -6,7 +6,8 @@ input = front + `<extra_id_{sentinel}>`, target = `<extra_id_{sentinel}>` + back
 
 Windowing: documents are cut into windows of at most W tokens (see `document_windows`), W the
 largest length for which every allowed split fits: p + 1 <= max_source_length and
-(n - p) + 2 <= max_target_length. Output keys and padding are those of span corruption.
+(n - p) + 2 <= max_target_length (p + 2 with `source_eos`, which ends the input with EOS as
+transformers' T5Tokenizer does). Output keys and padding are those of span corruption.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class ContinuationDataset(Dataset):
     def __init__(self, ds, tokenizer, seed: int, *, max_source_length: int = 512,
                  max_target_length: int = 512, split_bounds: tuple[float, float] = (0.1, 0.9),
                  sentinel: int = 1, decoder_start_token_id: int | None = None,
-                 return_source: bool = False):
+                 return_source: bool = False, source_eos: bool = False):
         lo, hi = split_bounds
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"split_bounds must satisfy 0 <= lo <= hi <= 1, got {split_bounds}")
@@ -49,10 +50,12 @@ class ContinuationDataset(Dataset):
                                        else int(decoder_start_token_id))
         self.max_source_length = int(max_source_length)
         self.max_target_length = int(max_target_length)
+        self.source_eos = bool(source_eos)
 
         def fits(n):
             p_lo, p_hi = split_range(n, self.split_bounds)
-            return p_hi + 1 <= self.max_source_length and n - p_lo + 2 <= self.max_target_length
+            return (p_hi + 1 + self.source_eos <= self.max_source_length
+                    and n - p_lo + 2 <= self.max_target_length)
 
         window = self.max_source_length + self.max_target_length
         while window >= 2 and not fits(window):
@@ -74,7 +77,8 @@ class ContinuationDataset(Dataset):
         tokens = np.asarray(self.ds.get(int(self.doc[i]), int(self.start[i]), n), dtype=np.int64)
         p_lo, p_hi = split_range(n, self.split_bounds)
         p = int(sample_rng(self.seed, epoch, i).integers(p_lo, p_hi + 1))
-        encoder = np.concatenate([tokens[:p], [self.sentinel_id]])
+        encoder = np.concatenate([tokens[:p], [self.sentinel_id]]
+                                 + ([[self.eos_id]] if self.source_eos else []))
         target = np.concatenate([[self.sentinel_id], tokens[p:], [self.eos_id]]).astype(np.int64)
         sample = {"encoder_input_ids": pad_to(encoder, self.max_source_length, self.pad_id,
                                               "encoder input")}

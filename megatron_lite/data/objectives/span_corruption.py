@@ -20,7 +20,9 @@ target (2 * num_mask + 1) fits max_target_length; so no example ever runs out of
 
 Shapes (so batches stack): `encoder_input_ids` [max_source_length] (the encoder input is never
 longer than its window), `decoder_input_ids`, `labels`, `loss_mask` [max_target_length]
-(default 2 * num_mask(W) + 1, the worst case). Padding is the pad id with loss_mask 0;
+(default 2 * num_mask(W) + 1, the worst case). `source_eos` ends the encoder input with EOS
+(transformers' T5Tokenizer convention, for imported checkpoints; the window shrinks by one to
+make room). Padding is the pad id with loss_mask 0;
 `decoder_input_ids` is the target shifted right behind `decoder_start_token_id` (default: pad, the
 T5 convention). The encoder's padding is recognised by the pad id.
 """
@@ -104,7 +106,8 @@ class SpanCorruptionDataset(Dataset):
     def __init__(self, ds, tokenizer, seed: int, *, max_source_length: int = 512,
                  max_target_length: int | None = None, noise_density: float = 0.15,
                  mean_span_length: float = 3.0, first_sentinel: int = 1,
-                 decoder_start_token_id: int | None = None, return_source: bool = False):
+                 decoder_start_token_id: int | None = None, return_source: bool = False,
+                 source_eos: bool = False):
         if not 0.0 < noise_density <= 0.5:
             # Above 0.5 there can be more spans than gaps to separate them.
             raise ValueError(f"noise_density must be in (0, 0.5], got {noise_density}")
@@ -132,7 +135,8 @@ class SpanCorruptionDataset(Dataset):
             k = num_noise_tokens(n, noise_density)
             return k <= available and (max_target_length is None or 2 * k + 1 <= max_target_length)
 
-        window = int(max_source_length)
+        self.source_eos = bool(source_eos)
+        window = int(max_source_length) - self.source_eos  # the encoder input is <= the window
         while window >= 2 and not fits(window):
             window -= 1
         if window < 2:
@@ -170,7 +174,10 @@ class SpanCorruptionDataset(Dataset):
                   for sen, s, l in zip(sentinels, starts, lengths)]
         target = np.concatenate(pieces + [[self.eos_id]]).astype(np.int64)
 
-        sample = {"encoder_input_ids": pad_to(encoder[keep], self.max_source_length, self.pad_id,
+        encoder = encoder[keep]
+        if self.source_eos:
+            encoder = np.append(encoder, self.eos_id)
+        sample = {"encoder_input_ids": pad_to(encoder, self.max_source_length, self.pad_id,
                                               "encoder input")}
         sample.update(t5_target_arrays(target, self.max_target_length, self.pad_id,
                                        self.decoder_start_token_id))

@@ -18,12 +18,18 @@ streams, the sequence length and the seed, so a run resumes at the same global b
 split into micro_batch x dp_size x accumulation (`rows(slot)` tells which global rows a slot
 holds, which is how the trainer re-splits per-stream model state). Another global batch cuts
 other streams: `load_state_dict(state, regroup=True)` then resumes as far into the same epoch.
+
+Blended corpora (data.blend, `XLStreamBatcher.blend`): global row g belongs to one corpus, chosen
+by the blending index over the G rows (each corpus gets weight x G rows, within 1), and row g is
+its corpus's j-th slice (j = g's rank among that corpus's rows) of that corpus's own stream, in
+that corpus's own epochs; documents never mix inside a row.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from megatron_lite.data.blend import BlendingIndex
 from megatron_lite.data.objectives import dataset_name
 from megatron_lite.data.objectives.causal_lm import TokenStream
 
@@ -34,7 +40,8 @@ class XLStreamBatcher:
 
     def __init__(self, ds, batch_size: int, seq_length: int, eod_id: int, seed: int,
                  dp_rank: int = 0, dp_size: int = 1, *, accumulation: int = 1,
-                 append_eod: bool = True):
+                 append_eod: bool = True, weights=None, names=None):
+        """`ds`: one indexed dataset, or a list blended by `weights` (see `blend`)."""
         if batch_size < 1 or seq_length < 1 or accumulation < 1:
             raise ValueError(f"batch_size, seq_length and accumulation must be >= 1, got "
                              f"{batch_size}, {seq_length}, {accumulation}")
@@ -47,17 +54,78 @@ class XLStreamBatcher:
         self.slots = int(accumulation)
         self.seed = int(seed)
         self.eod_id = int(eod_id)
-        self.stream = TokenStream(ds, eod_id, seed, append_eod=append_eod)
+        datasets = list(ds) if isinstance(ds, (list, tuple)) else [ds]
+        self.weights = None if weights is None else [float(w) for w in weights]
+        # A TokenStream is taken as it is (a blend reuses its corpora's streams).
+        self.streams = [d if isinstance(d, TokenStream)
+                        else TokenStream(d, eod_id, seed, append_eod=append_eod) for d in datasets]
+        self.names = (list(names) if names is not None
+                      else [dataset_name(s.ds) for s in self.streams])
         self.global_rows = self.batch_size * self.dp_size * self.slots
-        self.row_length = self.stream.tokens_per_epoch // self.global_rows
-        self.steps_per_epoch = (self.row_length - 1) // self.seq_length
-        if self.steps_per_epoch < 1:
-            raise ValueError(
-                f"dataset {dataset_name(ds)} holds {self.stream.tokens_per_epoch} tokens: split "
-                f"into {self.global_rows} streams (the global batch) that is {self.row_length}"
-                f" each, less than one step of seq_length + 1 = {self.seq_length + 1}; lower the "
-                "batch size or --seq-length, or add data")
+        # Whole rows go to corpora, in proportion to their weights: a row never mixes corpora.
+        self.row_corpus, self.row_local, self.corpus_rows = self._assign_rows(self.global_rows)
+        self.row_lengths, self.corpus_steps = [], []
+        for name, stream, rows in zip(self.names, self.streams, self.corpus_rows):
+            row_length = stream.tokens_per_epoch // max(rows, 1)
+            steps = (row_length - 1) // self.seq_length
+            if rows and steps < 1:
+                raise ValueError(
+                    f"dataset {name} holds {stream.tokens_per_epoch} tokens: split into {rows} "
+                    f"streams ({'its share of ' if self.weights else ''}the global batch)"
+                    f" that is {row_length} each, less than one step of seq_length + 1 = "
+                    f"{self.seq_length + 1}; lower the batch size or --seq-length, or add data")
+            self.row_lengths.append(row_length)
+            self.corpus_steps.append(max(steps, 1))
+        # The first corpus's (the only one unless blended).
+        self.stream, self.row_length = self.streams[0], self.row_lengths[0]
+        self.steps_per_epoch = min(s for s, n in zip(self.corpus_steps, self.corpus_rows) if n)
         self.step, self.slot = 0, 0
+
+    def _assign_rows(self, global_rows: int):
+        """(corpus of each global row, its index among that corpus's rows, rows per corpus)."""
+        if self.weights is None:
+            return [0] * global_rows, list(range(global_rows)), [global_rows]
+        owner = BlendingIndex(self.weights).owners(0, global_rows).tolist()
+        per_corpus = [owner.count(c) for c in range(len(self.streams))]
+        for name, w, n in zip(self.names, self.weights, per_corpus):
+            if w > 0 and n == 0:
+                raise ValueError(f"corpus {name} (weight {w:.4g}) gets none of the "
+                                 f"{global_rows} stream rows (one per sample of the global "
+                                 f"batch); raise its weight to at least 1/{global_rows} or the "
+                                 f"global batch size")
+        seen, local = [0] * len(self.streams), []
+        for c in owner:
+            local.append(seen[c])
+            seen[c] += 1
+        return owner, local, per_corpus
+
+    @classmethod
+    def blend(cls, batchers, weights, names) -> "XLStreamBatcher":
+        """One stream of several corpora (data.blend): batchers built alike, one per corpus."""
+        b = batchers[0]
+        for other in batchers[1:]:
+            for key in ("batch_size", "seq_length", "dp_rank", "dp_size", "slots", "seed",
+                        "eod_id"):
+                if getattr(other, key) != getattr(b, key):
+                    raise ValueError(f"cannot blend XL streams with different {key}")
+        return cls([x.stream for x in batchers], b.batch_size, b.seq_length, b.eod_id, b.seed,
+                   b.dp_rank, b.dp_size, accumulation=b.slots, weights=weights, names=names)
+
+    def corpus_epochs(self, consumed_samples: int) -> dict[str, float]:
+        """Epochs each corpus has gone through after `consumed_samples` (one step consumes one
+        sample per stream row); empty unless blended."""
+        if self.weights is None:
+            return {}
+        step = int(consumed_samples) // self.global_rows
+        return {name: step / steps if rows else 0.0  # a corpus without rows is never read
+                for name, steps, rows in zip(self.names, self.corpus_steps, self.corpus_rows)}
+
+    def describe(self) -> str | None:
+        """The blend's corpora and their rows (None unless blended)."""
+        if self.weights is None:
+            return None
+        return ", ".join(f"{w:.4g} x {name} ({n} of {self.global_rows} stream rows)"
+                         for w, name, n in zip(self.weights, self.names, self.corpus_rows))
 
     @classmethod
     def for_run(cls, ds, run, eod_id: int, dp_rank: int, dp_size: int, *,
@@ -83,13 +151,15 @@ class XLStreamBatcher:
 
     def batch(self, step: int, slot: int = 0) -> dict:
         """Micro-batch `slot` of global step `step` for this rank (a pure function of both)."""
-        epoch, t = divmod(int(step), self.steps_per_epoch)
         rows, starts = [], []
         for g in self.rows(slot):
-            begin = g * self.row_length + t * self.seq_length
+            corpus = self.row_corpus[g]
+            stream = self.streams[corpus]
+            epoch, t = divmod(int(step), self.corpus_steps[corpus])
+            begin = self.row_local[g] * self.row_lengths[corpus] + t * self.seq_length
             # One token before the segment says whether its first input starts a document.
-            before = self.stream.tokens(epoch, begin - 1, 1)[0] if t > 0 else self.eod_id
-            rows.append(self.stream.tokens(epoch, begin, self.seq_length + 1))
+            before = stream.tokens(epoch, begin - 1, 1)[0] if t > 0 else self.eod_id
+            rows.append(stream.tokens(epoch, begin, self.seq_length + 1))
             starts.append(before == self.eod_id)
         x = torch.from_numpy(np.stack(rows))
         inputs = x[:, :-1].contiguous()
@@ -117,8 +187,11 @@ class XLStreamBatcher:
         return batch
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "slot": self.slot, "global_rows": self.global_rows,
-                "seq_length": self.seq_length, "seed": self.seed}
+        state = {"step": self.step, "slot": self.slot, "global_rows": self.global_rows,
+                 "seq_length": self.seq_length, "seed": self.seed}
+        if self.weights is not None:
+            state["weights"] = list(self.weights)
+        return state
 
     def load_state_dict(self, state: dict, *, regroup: bool = False) -> None:
         """Resume at `state` (any split of the same global batch). With `regroup`, a state saved
@@ -134,16 +207,23 @@ class XLStreamBatcher:
                     f"XL stream state was saved with {key}={state[key]} but this run has "
                     f"{key}={getattr(self, key)}; the streams are defined by the global batch "
                     "size, the sequence length and the seed, so resume with the same values")
+        if state.get("weights") != self.weights:
+            raise ValueError(f"XL stream state was saved with blend weights {state.get('weights')}"
+                             f" but this run has {self.weights}; the blend decides which corpus "
+                             "each stream reads, so resume with the same --train-data-prefix")
         step, slot = int(state["step"]), int(state.get("slot", 0))
         if state["global_rows"] != self.global_rows:
             if slot:
                 raise ValueError(f"XL stream state was saved at slot {slot} of step {step}: only "
                                  "a state saved between steps maps onto other streams")
-            old_row = self.stream.tokens_per_epoch // int(state["global_rows"])
+            # Blended, the corpora's epochs differ: follow the corpus with the most rows.
+            old_rows = self._assign_rows(int(state["global_rows"]))[2]
+            c = max(range(len(self.streams)), key=lambda i: (old_rows[i], -i))
+            old_row = self.streams[c].tokens_per_epoch // old_rows[c]
             old_steps = (old_row - 1) // self.seq_length
             epoch, t = divmod(step, old_steps)
-            step = epoch * self.steps_per_epoch + min(t * self.row_length // old_row,
-                                                      self.steps_per_epoch)
+            steps = self.corpus_steps[c]
+            step = epoch * steps + min(t * self.row_lengths[c] // old_row, steps)
         elif not 0 <= slot < self.slots:
             raise ValueError(f"XL stream state was saved at slot {slot} of a step, but this run "
                              f"has {self.slots} slots per step; resume from a checkpoint saved "
