@@ -62,10 +62,22 @@ def generate(model, prompt_ids, max_new_tokens: int, *, eos_id: int | None = Non
 
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
+    sampling = dict(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+                    repetition_penalty=repetition_penalty)
+    results = in_equal_length_batches(model, prompts, lambda batch: _generate_batch(
+        model, batch, max_new_tokens, eos_id, generator, use_cache, sampling))
+    if getattr(cfg, "backward", False):
+        results = [r[::-1] for r in results]
+    return results
+
+
+def in_equal_length_batches(model, prompts, run_batch) -> list[list[int]]:
+    """`run_batch(ids [b, length]) -> b id lists` over the prompts grouped by length (no padding,
+    so each reads exactly what it would alone), in order, with the model in eval mode meanwhile."""
+    device = next(model.parameters()).device
     by_length: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         by_length.setdefault(len(p), []).append(i)
-
     was_training = model.training
     model.eval()
     try:
@@ -73,27 +85,21 @@ def generate(model, prompt_ids, max_new_tokens: int, *, eos_id: int | None = Non
         for length in sorted(by_length):
             idx = by_length[length]
             batch = torch.tensor([prompts[i] for i in idx], dtype=torch.long, device=device)
-            outs = _generate_batch(model, batch, max_new_tokens, eos_id, generator, use_cache,
-                                   dict(greedy=greedy, temperature=temperature, top_k=top_k,
-                                        top_p=top_p, repetition_penalty=repetition_penalty))
-            for i, out in zip(idx, outs):
+            for i, out in zip(idx, run_batch(batch)):
                 results[i] = out
     finally:
         model.train(was_training)
-    if getattr(cfg, "backward", False):
-        results = [r[::-1] for r in results]
     return results
 
 
-def _generate_batch(model, tokens, max_new_tokens, eos_id, generator, use_cache, sampling):
-    b = tokens.shape[0]
-    cache = KVCache(model.cfg.num_layers) if use_cache else None
-    outs: list[list[int]] = [[] for _ in range(b)]
-    done = [False] * b
-    step_input = tokens
-    for _ in range(max_new_tokens):
-        logits = model(step_input, kv_cache=cache) if use_cache else model(tokens)
-        full = gather_full_logits(logits[:, -1], model.ps)
+def decode(model, tokens, max_new_tokens, eos_id, generator, sampling, next_logits):
+    """Up to `max_new_tokens` sampled ids per row of `tokens` [b, s] (a row stops after `eos_id`,
+    which is kept). `next_logits(tokens, step)` is the logits shard of the last position of
+    `tokens`: the prompt at step 0, then the prompt with every id chosen so far."""
+    outs: list[list[int]] = [[] for _ in range(tokens.shape[0])]
+    done = [False] * len(outs)
+    for step in range(max_new_tokens):
+        full = gather_full_logits(next_logits(tokens, step), model.ps)
         next_ids = sample_next(full, vocab_size=model.cfg.vocab_size, generated_ids=tokens,
                                generator=generator, **sampling)
         for i, t in enumerate(next_ids.tolist()):
@@ -104,5 +110,15 @@ def _generate_batch(model, tokens, max_new_tokens, eos_id, generator, use_cache,
             break
         # Finished rows keep stepping with the batch; their extra tokens are discarded.
         tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
-        step_input = next_ids[:, None]
     return outs
+
+
+def _generate_batch(model, tokens, max_new_tokens, eos_id, generator, use_cache, sampling):
+    cache = KVCache(model.cfg.num_layers) if use_cache else None
+
+    def next_logits(tokens, step):
+        if cache is None:  # the reference: the whole text again at every step
+            return model(tokens)[:, -1]
+        return model(tokens if step == 0 else tokens[:, -1:], kv_cache=cache)[:, -1]
+
+    return decode(model, tokens, max_new_tokens, eos_id, generator, sampling, next_logits)

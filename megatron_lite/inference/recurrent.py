@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_lite.inference.generation import as_id_lists
-from megatron_lite.inference.sampling import sample_next
-from megatron_lite.parallel import gather_full_logits
+from megatron_lite.inference.generation import as_id_lists, decode, in_equal_length_batches
 
 
 def check_segment_length(cfg, segment_length: int | None) -> int:
@@ -82,37 +80,15 @@ def generate_recurrent(model, prompt_ids, max_new_tokens: int, *, segment_length
     generator = torch.Generator(device=device).manual_seed(seed)
     sampling = dict(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
                     repetition_penalty=repetition_penalty)
-    by_length: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_length.setdefault(len(p), []).append(i)
 
-    was_training = model.training
-    model.eval()
-    try:
-        results: list[list[int]] = [[] for _ in prompts]
-        for length in sorted(by_length):
-            idx = by_length[length]
-            tokens = torch.tensor([prompts[i] for i in idx], dtype=torch.long, device=device)
-            memory = RollingMemory(model, use_cache)
-            logits = memory.feed_segments(tokens, segment_length) if max_new_tokens else None
-            outs: list[list[int]] = [[] for _ in idx]
-            done = [False] * len(idx)
-            for step in range(max_new_tokens):
-                if step:
-                    logits = memory.feed(tokens[:, -1:])[:, -1]
-                full = gather_full_logits(logits, model.ps)
-                next_ids = sample_next(full, vocab_size=cfg.vocab_size, generated_ids=tokens,
-                                       generator=generator, **sampling)
-                for row, t in enumerate(next_ids.tolist()):
-                    if not done[row]:
-                        outs[row].append(t)
-                        done[row] = eos_id is not None and t == eos_id
-                if all(done):
-                    break
-                # Finished rows keep stepping with the batch; their extra tokens are discarded.
-                tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
-            for i, out in zip(idx, outs):
-                results[i] = out
-    finally:
-        model.train(was_training)
-    return results
+    def run_batch(tokens):
+        memory = RollingMemory(model, use_cache)
+
+        def next_logits(tokens, step):
+            if step == 0:  # the whole prompt, segment by segment
+                return memory.feed_segments(tokens, segment_length)
+            return memory.feed(tokens[:, -1:])[:, -1]
+
+        return decode(model, tokens, max_new_tokens, eos_id, generator, sampling, next_logits)
+
+    return in_equal_length_batches(model, prompts, run_batch)

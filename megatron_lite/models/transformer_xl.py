@@ -540,8 +540,6 @@ class PromptTextStream:
         return cls(dataset, tcfg.micro_batch_size, tcfg.seed, dp_rank, dp_size,
                    accumulation=accumulation)
 
-    rows = XLStreamBatcher.rows  # the same split of global rows into slots and DP ranks
-
     def batch(self, step: int, slot: int = 0) -> dict:
         first = self.rows(slot)[0]
         indices = self.order.global_indices(step * self.global_rows + first, self.batch_size)
@@ -550,15 +548,9 @@ class PromptTextStream:
         starts[:, 0] = True
         return dict(batch, document_start=starts)
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        batch = self.batch(self.step, self.slot)
-        self.slot += 1
-        if self.slot == self.slots:
-            self.step, self.slot = self.step + 1, 0
-        return batch
+    # The same split of global rows into slots and DP ranks, walked slot by slot, step by step.
+    rows = XLStreamBatcher.rows
+    __iter__, __next__ = XLStreamBatcher.__iter__, XLStreamBatcher.__next__
 
     def state_dict(self) -> dict:
         return {"step": self.step, "slot": self.slot, "global_rows": self.global_rows,
