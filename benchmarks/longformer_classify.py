@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -52,7 +53,7 @@ TRAINING = ["--seq-length", str(SEQ_LENGTH), "--micro-batch-size", "32",
             "--global-batch-size", "32", "--lr", "1e-3", "--min-lr", "1e-4",
             "--lr-warmup-iters", "30", "--lr-decay-style", "linear", "--weight-decay", "0.01",
             "--clip-grad", "1.0", "--log-interval", "50", "--eval-interval", "none",
-            "--save-interval", "none", "--seed", "1234"]
+            "--save-interval", "none"]
 
 
 def model_flags(ckpt: str) -> list[str]:
@@ -71,12 +72,13 @@ def model_flags(ckpt: str) -> list[str]:
 
 
 def finetune(paths: dict, reviews: str, save: str, pretrained: str | None,
-             train_iters: int) -> float:
+             train_iters: int, seed: int) -> float:
     """One fine-tuning run as a user runs it; returns its wall time in seconds."""
     ckpt = pretrained or paths["pretrained"]
     cmd = [sys.executable, "pretrain_longformer.py", "--model", "longformer_classifier",
            *model_flags(ckpt), "--tokenizer", paths["tokenizer"], "--classify-data", reviews,
-           "--save", save, "--train-iters", str(train_iters), "--no-progress-bar", *TRAINING,
+           "--save", save, "--train-iters", str(train_iters), "--seed", str(seed),
+           "--no-progress-bar", *TRAINING,
            *(["--load", pretrained, "--finetune"] if pretrained else [])]
     start = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True)
@@ -101,7 +103,8 @@ def adapt_to_reviews(paths: dict, reviews: str, pretrained: str, save: str) -> f
                    cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     return longformer_learning.train(
         paths | {"train": prefix}, save,
-        ["--load", pretrained, "--finetune", "--train-iters", str(ADAPT_ITERS),
+        [*model_flags(pretrained), "--load", pretrained, "--finetune",
+         "--train-iters", str(ADAPT_ITERS),
          "--lr-warmup-iters", "50", "--eval-interval", "none",
          "--save-interval", str(ADAPT_ITERS)])
 
@@ -141,12 +144,18 @@ def held_out_accuracy(ckpt: str, reviews: str, *, max_examples: int | None = Non
                 step=meta.step)
 
 
-def render(rows: dict, argv: list[str], started, train_iters: int, passed: dict) -> str:
+def render(rows: dict, argv: list[str], started, train_iters: int, passed: dict,
+           seeds: list[int]) -> str:
     import deepspeed
     command = " ".join(["python benchmarks/longformer_classify.py", *argv])
     scratch, pre = rows["scratch"], rows["pretrained"]
     majority = scratch["majority"]
     verdict = {True: "pass", False: "FAIL"}
+
+    def row(label, r, required, ok):
+        return (f"| {label} | " + " | ".join(f"{a:.3f}" for a in r["accuracies"])
+                + f" | **{r['accuracy']:.3f}** | {r['std']:.3f} | {r['accuracy'] - majority:+.3f} | "
+                f"{required} | {verdict[ok]} | {r['wall_s'] / 60:.1f} min |")
     return "\n".join([
         f"- Command: `{command}`",
         f"- Date: {started:%Y-%m-%d %H:%M} UTC; machine: {os.cpu_count()} cores "
@@ -157,21 +166,20 @@ def render(rows: dict, argv: list[str], started, train_iters: int, passed: dict)
         f"{scratch['examples']} held-out lines (the trainer's fixed 10% split), [CLS] text "
         f"[SEP] cut at {SEQ_LENGTH} tokens, [CLS] global",
         f"- Model: configs/longformer/tiny.yaml's shape; pretrained = the checkpoint of "
-        f"benchmarks/longformer_learning.py (MLM on news at 1024 tokens, {pre['pretrain_steps']} "
-        f"steps), then {ADAPT_ITERS} more MLM steps on the training reviews' text "
+        f"benchmarks/longformer_learning.py (init std {longformer_learning.INIT_STD}, MLM on "
+        f"news at 1024 tokens, {pre['pretrain_steps']} steps), then {ADAPT_ITERS} more MLM steps on the training reviews' text "
         f"({pre['adapt_min']:.1f} min). "
         f"Both fine-tuned {train_iters} steps of 32 examples with the same flags "
-        f"(`{' '.join(TRAINING)}`), one process each",
+        f"(`{' '.join(TRAINING)}`), one process each, once per seed ({', '.join(map(str, seeds))})",
         "",
-        "| model | held-out accuracy | above the majority class | required | | wall time |",
-        "|---|---:|---:|---:|---|---:|",
-        f"| majority class ('{scratch['majority_label']}') | {majority:.3f} | | | | |",
-        f"| tiny Longformer from scratch | {scratch['accuracy']:.3f} | "
-        f"{scratch['accuracy'] - majority:+.3f} | >= +{MARGIN:.2f} | "
-        f"{verdict[passed['scratch']]} | {scratch['wall_s'] / 60:.1f} min |",
-        f"| tiny Longformer pretrained | {pre['accuracy']:.3f} | {pre['accuracy'] - majority:+.3f}"
-        f" | >= +{MARGIN:.2f}, and >= scratch | {verdict[passed['pretrained']]} | "
-        f"{pre['wall_s'] / 60:.1f} min |",
+        "| model | " + " | ".join(f"seed {s}" for s in seeds)
+        + " | mean | std | above the majority class | required | | wall time per run |",
+        "|---|" + "---:|" * (len(seeds) + 4) + "---|---:|",
+        f"| majority class ('{scratch['majority_label']}') | " + " | " * len(seeds)
+        + f"{majority:.3f} | | | | | |",
+        row("tiny Longformer from scratch", scratch, f">= +{MARGIN:.2f}", passed["scratch"]),
+        row("tiny Longformer pretrained", pre, f">= +{MARGIN:.2f}, and >= scratch",
+            passed["pretrained"]),
     ])
 
 
@@ -185,8 +193,11 @@ def main(argv: list[str] | None = None) -> dict:
                    help="the pretrained Longformer checkpoint (default: WORK_DIR/checkpoint, made "
                         "by benchmarks/longformer_learning.py when absent)")
     p.add_argument("--train-iters", type=int, default=600, help="fine-tuning steps of each run")
+    p.add_argument("--seeds", default="1,2,3",
+                   help="comma-separated fine-tuning seeds; each model is scored by its mean")
     p.add_argument("--out", default=None, help="markdown file to record the results in")
     args = p.parse_args(argv)
+    seeds = [int(x) for x in args.seeds.split(",")]
     started = datetime.datetime.now(datetime.timezone.utc)
     paths = longformer_learning.prepare_data(args.work_dir)
     pretrained = args.pretrained or os.path.join(args.work_dir, "checkpoint")
@@ -199,18 +210,26 @@ def main(argv: list[str] | None = None) -> dict:
     paths["pretrained"] = adapted
     rows = {}
     for name, load in (("scratch", None), ("pretrained", adapted)):
-        save = os.path.join(args.work_dir, f"classify_{name}")
-        shutil.rmtree(save, ignore_errors=True)
-        wall = finetune(paths, reviews, save, load, args.train_iters)
-        rows[name] = held_out_accuracy(save, reviews) | {"wall_s": wall}
+        runs = []
+        for seed in seeds:
+            save = os.path.join(args.work_dir, f"classify_{name}_seed{seed}")
+            shutil.rmtree(save, ignore_errors=True)
+            wall = finetune(paths, reviews, save, load, args.train_iters, seed)
+            runs.append(held_out_accuracy(save, reviews) | {"wall_s": wall})
+        accuracies = [r["accuracy"] for r in runs]
+        rows[name] = runs[0] | dict(
+            accuracies=accuracies, accuracy=statistics.mean(accuracies),
+            std=statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+            wall_s=statistics.mean(r["wall_s"] for r in runs))
     from megatron_lite.checkpoint.checkpointing import read_metadata
     rows["pretrained"]["pretrain_steps"] = read_metadata(pretrained).step
     rows["pretrained"]["adapt_min"] = adapt_wall / 60
     majority = rows["scratch"]["majority"]
+    # Means over the fine-tuning seeds: one run's accuracy on 3.5k lines moves by about a point.
     passed = {"scratch": rows["scratch"]["accuracy"] >= majority + MARGIN,
               "pretrained": (rows["pretrained"]["accuracy"] >= majority + MARGIN
                              and rows["pretrained"]["accuracy"] >= rows["scratch"]["accuracy"])}
-    block = render(rows, argv, started, args.train_iters, passed)
+    block = render(rows, argv, started, args.train_iters, passed, seeds)
     print(block)
     if args.out:
         update_section(args.out, SECTION, BEGIN, END, block)
