@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # two checkouts on one machine do not keep invalidating each other's build.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: install test test-gpu test-multinode demo clean
+.PHONY: install test test-gpu test-multinode demo bench bench-quick clean
 
 $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ test-multinode: install
 
 demo: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/demo.sh
+
+# Regenerate BENCHMARKS.md (hours on 2 cores; `make bench SECTION=reshard` for one section), or
+# check on tiny shapes that each benchmark with a quick mode still runs.
+bench: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) benchmarks/run.py $(if $(SECTION),--section $(SECTION))
+
+bench-quick: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) benchmarks/run.py --quick $(if $(SECTION),--section $(SECTION))
 
 clean:
 	rm -rf runs/demo data/sample
