@@ -60,6 +60,7 @@ SECTIONS = {
     "longformer_classify": Section("longformer_classify.py",
                                    ("--work-dir", "runs/longformer_learning", *OUT), 30, None),
     "transformer_xl_learning": Section("transformer_xl_learning.py", OUT, 45, None),
+    "sparse_attention": Section("sparse_attention.py", OUT, 15, ("--quick",)),
     "longnet_attention": Section("longnet_attention.py", ("--threads", "1", *OUT), 21,
                                  ("--quick",)),
 }

@@ -7,6 +7,8 @@ spec and partition tags and `initialize_parameters` can draw it TP-invariantly.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -85,6 +87,180 @@ class MaskCache:
 
 
 # ---------------------------------------------------------------------------------------------
+# LingLong's sparse layers, block by block: each query block attends to the summary rows (the
+# last `summary` positions) of every earlier block plus its own block, causally; nothing else
+# of the [s, s] square is computed. `sparse_causal_pattern` + masked SDPA is the reference.
+
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+_FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Query rows per kernel call of the summary part. A call's keys are the summary rows its last
+# block may see, so the masked share of a call (later blocks' rows for earlier queries) is about
+# rows / s of the summary work, and its additive mask is rows x (s / stride * summary). Fewer,
+# larger calls also mean fewer thread barriers, which a machine shared with other jobs
+# stretches (T = 4096, 2 threads on 2 busy cores: 2.4 s with calls of 256 rows, 0.7 s with one).
+_SUMMARY_CHUNK_ROWS = 2048
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stride: int,
+                           summary: int, dropout_p: float = 0.0) -> torch.Tensor:
+    """Self-attention under `sparse_causal_pattern(s, stride, summary)`, computing only the
+    blocks the pattern attends: q, k, v [b, heads, s, d] -> [b, heads, s, d].
+
+    The sequence is cut into blocks of `stride` (a short last block is padded; padded keys lie
+    after every real query, so the causal mask hides them). Query block j attends to
+    [summary rows of blocks 0 .. j-1] + [its own block, causal]: s·(stride/2 + s/stride·summary/2)
+    scores instead of s²/2. `dropout_p` drops probabilities; the caller seeds the RNG (the layer's
+    `rng.fork`). stride >= s is plain causal attention, summary 0 independent causal blocks.
+
+    On CPU without dropout it runs torch's flash kernel twice (own blocks, batched as
+    [b·blocks, heads, stride, d] with is_causal; the summary rows, in chunks of query rows with a
+    block-causal mask) and merges the two by log-sum-exp; the backward runs the flash backward of
+    each part against the merged output and log-sum-exp, so the memory kept is q, k, v, the
+    output and the log-sum-exp. Elsewhere (dropout, other devices) one SDPA call attends each
+    query block to its own [summary rows of all blocks, own block] keys under a mask.
+    """
+    b, h, s, d = q.shape
+    if k.shape[2] != s or v.shape[2] != s:
+        raise ValueError(f"block_sparse_attention is self-attention: {s} queries but "
+                         f"{k.shape[2]} keys / {v.shape[2]} values")
+    if stride < 1 or not 0 <= summary <= stride:
+        raise ValueError(f"need stride >= 1 and 0 <= summary <= stride, got stride={stride}, "
+                         f"summary={summary}")
+    if stride >= s:  # one block: the pattern is the causal triangle
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if dropout_p == 0.0 and q.device.type == "cpu" and q.dtype in _FLASH_DTYPES:
+        return _BlockSparseFlash.apply(q, k, v, stride, summary)
+    return _block_sparse_sdpa(q, k, v, stride, summary, dropout_p)
+
+
+def _pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """[b, h, s, d] -> [b, h, n, d], zero rows appended (t itself when s == n)."""
+    return t if t.shape[2] == n else F.pad(t, (0, 0, 0, n - t.shape[2]))
+
+
+def _summary_rows(t: torch.Tensor, stride: int, summary: int) -> torch.Tensor:
+    """The summary rows of every block but the last (no block after it reads them):
+    [b, h, n, d] -> [b, h, (n / stride - 1) * summary, d], a view (for in-place accumulation)
+    when `t` is contiguous along its rows."""
+    b, h, n, d = t.shape
+    return t.view(b, h, n // stride, stride, d)[:, :, :-1, stride - summary:]
+
+
+def _to_blocks(t: torch.Tensor, stride: int) -> torch.Tensor:
+    """[b, h, n, (d)] -> [b * blocks, h, stride, (d)]: blocks become batch entries, a view when
+    the rows of one batch entry are contiguous, as for q/k/v sliced out of a fused projection."""
+    b, h, n = t.shape[:3]
+    return t.view(b, h, n // stride, stride, *t.shape[3:]).transpose(1, 2).reshape(
+        b * (n // stride), h, stride, *t.shape[3:])
+
+
+def _from_blocks(t: torch.Tensor, b: int) -> torch.Tensor:
+    """The inverse of `_to_blocks`."""
+    nb, h, stride = t.shape[0] // b, t.shape[1], t.shape[2]
+    return t.view(b, nb, h, stride, *t.shape[3:]).transpose(1, 2).reshape(
+        b, h, nb * stride, *t.shape[3:])
+
+
+def _summary_chunks(n: int, stride: int, summary: int, dtype, device):
+    """(query rows, key blocks, additive mask [rows, key blocks * summary]) per kernel call of
+    the summary part: query blocks 1 .. nb-1 in chunks, each reading the summary rows of the
+    blocks before its last one, and masked so a query block sees only blocks before it."""
+    nb = n // stride
+    per_call = max(1, _SUMMARY_CHUNK_ROWS // stride)
+    for j0 in range(1, nb, per_call):
+        j1 = min(j0 + per_call, nb)
+        later = torch.arange(j1 - 1, device=device)[None, :] >= torch.arange(
+            j0, j1, device=device)[:, None]                      # [query blocks, key blocks]
+        mask = torch.zeros(later.shape, dtype=dtype, device=device).masked_fill_(
+            later, float("-inf"))
+        rows, keys = (j1 - j0) * stride, (j1 - 1) * summary
+        mask = mask[:, None, :, None].expand(j1 - j0, stride, j1 - 1, summary).reshape(rows, keys)
+        yield slice(j0 * stride, j1 * stride), j1 - 1, mask
+
+
+class _BlockSparseFlash(torch.autograd.Function):
+    """`block_sparse_attention` on CPU without dropout (see there). Every query attends at least
+    its own position, so no row of either part is fully masked and the log-sum-exps are finite."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, stride: int, summary: int):
+        b, h, s, d = q.shape
+        n = -(-s // stride) * stride
+        q, k, v = (_pad_rows(t, n) for t in (q, k, v))
+        scale = d ** -0.5
+        out, lse = _FLASH(*(_to_blocks(t, stride) for t in (q, k, v)), is_causal=True,
+                          scale=scale)
+        out, lse = _from_blocks(out, b), _from_blocks(lse, b)  # [b, h, n, d], [b, h, n]
+        if summary:
+            ks, vs = (_summary_rows(t, stride, summary).reshape(b, h, -1, d) for t in (k, v))
+            for rows, blocks, mask in _summary_chunks(n, stride, summary, q.dtype, q.device):
+                keys = blocks * summary
+                o2, l2 = _FLASH(q[:, :, rows], ks[:, :, :keys], vs[:, :, :keys], attn_mask=mask,
+                                scale=scale)
+                # Softmax over both key sets: out = w1·o1 + w2·o2 with w2 = e^l2 / (e^l1 + e^l2)
+                # = sigmoid(l2 - l1) and w1 = 1 - w2, i.e. one lerp over the rows.
+                l1 = lse[:, :, rows]
+                w2 = torch.sigmoid(l2 - l1).to(out.dtype).unsqueeze(-1)
+                out[:, :, rows].lerp_(o2, w2)
+                lse[:, :, rows] = torch.logaddexp(l1, l2)
+        else:
+            ks = vs = None
+        ctx.save_for_backward(q, k, v, out, lse, ks, vs)
+        ctx.geometry = (s, stride, summary, scale)
+        return out[:, :, :s]
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Each part's flash backward, given the merged output and log-sum-exp, recomputes its
+        # share of the joint probabilities and the joint rowsum(dO * O) term, so its dq, dk, dv
+        # are those of the joint softmax: the parts' dq add up, their dk/dv land on their keys.
+        q, k, v, out, lse, ks, vs = ctx.saved_tensors
+        s, stride, summary, scale = ctx.geometry
+        b, h, n, d = q.shape
+        grad = _pad_rows(grad, n)
+        grads = _FLASH_BACKWARD(*(_to_blocks(t, stride) for t in (grad, q, k, v, out)),
+                                _to_blocks(lse, stride), 0.0, True, scale=scale)
+        dq, dk, dv = (_from_blocks(t, b) for t in grads)
+        if summary:
+            dk_rows, dv_rows = (_summary_rows(t, stride, summary) for t in (dk, dv))
+            for rows, blocks, mask in _summary_chunks(n, stride, summary, q.dtype, q.device):
+                keys = blocks * summary
+                dq2, dk2, dv2 = _FLASH_BACKWARD(
+                    grad[:, :, rows], q[:, :, rows], ks[:, :, :keys], vs[:, :, :keys],
+                    out[:, :, rows], lse[:, :, rows], 0.0, False, attn_mask=mask, scale=scale)
+                dq[:, :, rows] += dq2
+                dk_rows[:, :, :blocks] += dk2.view(b, h, blocks, summary, d)
+                dv_rows[:, :, :blocks] += dv2.view(b, h, blocks, summary, d)
+        return dq[:, :, :s], dk[:, :, :s], dv[:, :, :s], None, None
+
+
+def _block_sparse_sdpa(q, k, v, stride: int, summary: int, dropout_p: float) -> torch.Tensor:
+    """`block_sparse_attention` through one SDPA call, for any device and with dropout: query
+    block j attends to [summary rows of all blocks but the last, own block] under a mask that
+    keeps blocks < j of the first part and the causal triangle of the second. The summary keys
+    are copied once per block (blocks x s / stride x summary rows of k and v)."""
+    b, h, s, d = q.shape
+    nb = -(-s // stride)
+    qb, kb, vb = (_pad_rows(t, nb * stride).reshape(b * h, nb, stride, d) for t in (q, k, v))
+    keys = (nb - 1) * summary
+    if keys == 0:
+        out = F.scaled_dot_product_attention(qb, kb, vb, dropout_p=dropout_p, is_causal=True)
+    else:
+        def with_summary(t):
+            rows = t[:, :-1, stride - summary:].reshape(b * h, 1, keys, d)
+            return torch.cat([rows.expand(b * h, nb, keys, d), t], dim=2)
+
+        earlier = (torch.arange(keys, device=q.device) // summary)[None, :] < torch.arange(
+            nb, device=q.device)[:, None]                                      # [nb, keys]
+        mask = torch.cat([earlier[:, None, :].expand(nb, stride, keys),
+                          causal_pattern(stride, q.device).expand(nb, stride, stride)], dim=2)
+        out = F.scaled_dot_product_attention(qb, with_summary(kb), with_summary(vb),
+                                             attn_mask=mask, dropout_p=dropout_p)
+    return out.reshape(b, h, nb * stride, d)[:, :, :s]
+
+
+# ---------------------------------------------------------------------------------------------
 
 class KVCache:
     """Past keys and values of every layer, each [batch, local_heads, past_len, head_dim].
@@ -133,20 +309,26 @@ class ParallelSelfAttention(nn.Module):
         self.out = RowParallelLinear(hidden_size, hidden_size, ps, init_std=out_init_std)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
-                kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
+                kv_cache: KVCache | None = None, layer_idx: int = 0,
+                sparse: tuple[int, int] | None = None) -> torch.Tensor:
+        """`sparse=(stride, summary)`: self-attention under LingLong's sparse pattern through
+        `block_sparse_attention` (no mask, no KV cache); otherwise SDPA with `mask`/`is_causal`."""
+        if sparse is not None and (mask is not None or is_causal or kv_cache is not None):
+            raise ValueError("sparse=(stride, summary) is its own pattern: it takes no mask, "
+                             "is_causal or kv_cache")
         b, s, _ = x.shape
         qkv = self.qkv(x).view(b, s, self.local_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [b, local_heads, s, head_dim]
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)
         p = self.attention_dropout if self.training else 0.0
-        if p > 0:
-            # Heads differ per TP rank, so their dropout masks must too (tp_region=True).
-            with self.rng.fork(self.site, tp_region=True):
+        # Heads differ per TP rank, so their dropout masks must too (tp_region=True).
+        with self.rng.fork(self.site, tp_region=True) if p > 0 else contextlib.nullcontext():
+            if sparse is not None:
+                ctx = block_sparse_attention(q, k, v, *sparse, dropout_p=p)
+            else:
                 ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
                                                      is_causal=is_causal)
-        else:
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         ctx = ctx.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)
         return self.out(ctx)
 

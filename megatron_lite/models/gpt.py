@@ -6,8 +6,10 @@
 
 LingLong (Chinese GPT, 106M / 317M) makes every odd layer sparse: a query sees its own block of
 `sparse_stride` tokens and the last `sparse_summary` tokens of every earlier block; even layers
-stay dense. LingLong-Backward is the same network trained on reversed text (`backward: true`);
-only data preparation and generation care about that flag.
+stay dense. Sparse layers compute only those blocks (`blocks.block_sparse_attention`), except
+under a KV cache or a packed-document mask, where the pattern is a mask on SDPA.
+LingLong-Backward is the same network trained on reversed text (`backward: true`); only data
+preparation and generation care about that flag.
 """
 from __future__ import annotations
 
@@ -133,9 +135,10 @@ class GPTLayer(nn.Module):
         return self.rng.dropout(x, self.hidden_dropout, f"layers.{self.layer_idx}.{site}",
                                 tp_region=False, training=self.training)
 
-    def forward(self, x, mask=None, is_causal=False, kv_cache=None):
-        x = x + self._drop(self.attn(self.ln_attn(x), mask, is_causal, kv_cache, self.layer_idx),
-                           "attn_out")
+    def forward(self, x, mask=None, is_causal=False, kv_cache=None, sparse=None):
+        """`sparse=(stride, summary)` runs the attention block-sparse, in place of mask/is_causal."""
+        x = x + self._drop(self.attn(self.ln_attn(x), mask, is_causal, kv_cache, self.layer_idx,
+                                     sparse), "attn_out")
         return x + self._drop(self.mlp(self.ln_mlp(x)), "mlp_out")
 
 
@@ -148,6 +151,12 @@ class GPTModel(nn.Module):
     [heads, 3, head_dim]), layers.{i}.attn.out.*, layers.{i}.mlp.fc1.*, layers.{i}.mlp.fc2.*,
     final_ln.*; the output head is tied to word_embeddings.
     """
+
+    # Sparse layers of a plain causal forward (no KV cache, no attention_mask) compute only the
+    # blocks their pattern attends (`block_sparse_attention`); False (on a model, or on the class
+    # for a whole run) sends them through masked SDPA over the whole square: the reference the
+    # tests compare against, which also draws the attention-dropout masks runs before it drew.
+    block_sparse = True
 
     def __init__(self, cfg: GPTConfig, ps: ParallelState | None = None,
                  rng: RNGContext | None = None):
@@ -209,17 +218,24 @@ class GPTModel(nn.Module):
                              training=self.training)
 
         dense = self._layer_mask(False, s, total, attention_mask, input_ids.device)
-        sparse = (self._layer_mask(True, s, total, attention_mask, input_ids.device)
-                  if self.cfg.sparse_attention else None)
+        blocks = None  # (stride, summary) when the sparse layers run block-sparse
+        sparse = None
+        if self.cfg.sparse_attention:
+            if self.block_sparse and kv_cache is None and attention_mask is None:
+                blocks = (self.cfg.sparse_stride, self.cfg.sparse_summary)
+                sparse = (None, False)
+            else:  # generation steps and packed documents: the pattern as a mask
+                sparse = self._layer_mask(True, s, total, attention_mask, input_ids.device)
         recompute = self.checkpoint_activations and self.training and kv_cache is None
         for layer in self.layers:
             mask, is_causal = sparse if layer.sparse else dense
+            layer_blocks = blocks if layer.sparse else None
             if recompute:
                 # The stateless RNG reseeds every dropout from (step, site), so the recompute in
                 # backward draws exactly the masks the forward drew.
-                x = checkpoint(layer, x, mask, is_causal, use_reentrant=False)
+                x = checkpoint(layer, x, mask, is_causal, None, layer_blocks, use_reentrant=False)
             else:
-                x = layer(x, mask, is_causal, kv_cache)
+                x = layer(x, mask, is_causal, kv_cache, layer_blocks)
         x = self.final_ln(x)
         return parallel_lm_logits(x, self.word_embeddings.weight, self.ps)
 
@@ -257,9 +273,11 @@ def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
       the padded vocabulary: the head computes those columns too.
     12·L·H·Q·T: attention scores (QK^T) and the weighted sum (AV) are matmuls of H·Q per
       (query, key) pair: 2 matmuls x 2 FLOPs x 3 (forward + backward) = 12. Dense layers count all
-      T keys, as PaLM does (kernels compute the full square). A sparse layer counts the average
-      number of keys its pattern attends (`sparse_keys_per_query`), what a block-sparse kernel
-      computes; our masked SDPA path actually computes the full square there as well.
+      T keys, as PaLM does. A sparse layer counts the average number of keys its pattern attends
+      (`sparse_keys_per_query`): what `block_sparse_attention` computes in training and
+      evaluation, give or take the masked entries of its kernel tiles (above the diagonal of an
+      own block; later blocks' summary rows inside one summary call). Generation steps and
+      packed-document masks still run those layers as masked SDPA over the whole square.
     """
     h, L, f = cfg.hidden_size, cfg.num_layers, cfg.ffn_size
     per_layer = (4 * h             # two LayerNorms
