@@ -31,7 +31,7 @@ demo: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/demo.sh
 
 # Regenerate BENCHMARKS.md (hours on 2 cores; `make bench SECTION=reshard` for one section), or
-# check on tiny shapes that each benchmark with a quick mode still runs.
+# check on tiny shapes that every benchmark still runs (`make bench-quick`, BENCHMARKS.md untouched).
 bench: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) benchmarks/run.py $(if $(SECTION),--section $(SECTION))
 

@@ -39,7 +39,6 @@ import dataclasses
 import datetime
 import io
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -52,7 +51,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python benchmarks/data_pipeline.py` from a checkout
     sys.path.insert(0, ROOT)
 
-from benchmarks.report import update_section  # noqa: E402
+from benchmarks.report import provenance, update_section  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -437,17 +436,6 @@ def bench_objectives(ws: Workspace, prefixes: dict, args, micro_batch: int) -> l
 
 
 # ---------------------------------------------------------------------------- report
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def times(ratio: float) -> str:
     return f"{ratio:,.0f}x" if ratio >= 10 else f"{ratio:.2g}x"
 
@@ -470,15 +458,10 @@ def preprocessing_verdict(pre_rows, lo: int, hi: int) -> str:
 def render(pre_rows, obj_rows, args, argv, micro_batch, started, loads) -> str:
     lo, hi = args.workers[0], args.workers[-1]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    command = shlex.join(["python", "benchmarks/data_pipeline.py"] + list(argv))
     lines = [
-        f"- Command: `{command}`",
-        f"- Date: {started:%Y-%m-%d %H:%M} UTC",
-        f"- Machine: {cpu_model()}, {cores} cores usable ({os.cpu_count()} online); torch "
-        f"{torch.__version__}, Python {platform.python_version()}, {platform.system()}",
-        f"- Load average (1 min) at start / end: {loads[0]:.2f} / {loads[1]:.2f}. The machine is "
-        "shared with other people's jobs, so absolute figures wander; medians and per-round "
-        "ratios are the figures to rely on.",
+        *provenance(__file__, argv, started, load_start=loads[0],
+                    note="The machine is shared with other people's jobs, so absolute figures "
+                    "wander; medians and per-round ratios are the figures to rely on."),
         "",
         f"### Preprocessing (`tools/preprocess_data.py`, sample train.jsonl x "
         f"{args.corpus_copies}: {pre_rows[0]['input_mb']:.1f} MB of text per run)",

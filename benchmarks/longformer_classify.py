@@ -4,6 +4,9 @@ pretrain_longformer.py, and compare held-out accuracy with the majority class.
 
     python benchmarks/longformer_classify.py --out BENCHMARKS.md
         # ~20 min on 2 cores, plus ~10 to pretrain when --pretrained has no checkpoint
+    python benchmarks/longformer_classify.py --quick --work-dir /tmp/lfc
+        # smoke run, 3 training runs of 2 steps: 600 reviews, the "pretrained" model only
+        # adapted to them from its initialisation (no news pretraining), one seed
 
 Steps: the sample corpus, tokenizer and pretrained tiny checkpoint of
 benchmarks/longformer_learning.py (MLM on People's Daily news, made when absent) -> continued MLM
@@ -22,7 +25,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -34,8 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks import longformer_learning  # noqa: E402
-from benchmarks.report import update_section  # noqa: E402
+from benchmarks import longformer_learning, sample_data  # noqa: E402
+from benchmarks.report import provenance, update_section  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -54,6 +56,10 @@ TRAINING = ["--seq-length", str(SEQ_LENGTH), "--micro-batch-size", "32",
             "--lr-warmup-iters", "30", "--lr-decay-style", "linear", "--weight-decay", "0.01",
             "--clip-grad", "1.0", "--log-interval", "50", "--eval-interval", "none",
             "--save-interval", "none"]
+# --quick: every run two steps (--train-iters) of two examples, no warm-up, no peak-FLOP/s probe.
+QUICK_ITERS = 2
+QUICK_TRAINING = ["--lr-warmup-iters", "0", "--log-interval", "1", "--peak-flops", "1e11",
+                  "--micro-batch-size", "2", "--global-batch-size", "2"]
 
 
 def model_flags(ckpt: str) -> list[str]:
@@ -72,22 +78,24 @@ def model_flags(ckpt: str) -> list[str]:
 
 
 def finetune(paths: dict, reviews: str, save: str, pretrained: str | None,
-             train_iters: int, seed: int) -> float:
+             train_iters: int, seed: int, extra: list[str] = ()) -> float:
     """One fine-tuning run as a user runs it; returns its wall time in seconds."""
     ckpt = pretrained or paths["pretrained"]
     cmd = [sys.executable, "pretrain_longformer.py", "--model", "longformer_classifier",
            *model_flags(ckpt), "--tokenizer", paths["tokenizer"], "--classify-data", reviews,
            "--save", save, "--train-iters", str(train_iters), "--seed", str(seed),
            "--no-progress-bar", *TRAINING,
-           *(["--load", pretrained, "--finetune"] if pretrained else [])]
+           *(["--load", pretrained, "--finetune"] if pretrained else []), *extra]
     start = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True)
     return time.perf_counter() - start
 
 
-def adapt_to_reviews(paths: dict, reviews: str, pretrained: str, save: str) -> float:
+def adapt_to_reviews(paths: dict, reviews: str, pretrained: str | None, save: str,
+                     iters: int = ADAPT_ITERS, extra: list[str] = ()) -> float:
     """Continue the news checkpoint's MLM pretraining on the text of the training reviews, as a
-    user adapts a model to their domain; returns the wall time in seconds."""
+    user adapts a model to their domain (`pretrained` None: from the config's initialisation);
+    returns the wall time in seconds."""
     from megatron_lite.models.longformer import LongformerClassifierDataConfig, classify_examples
     train, _ = classify_examples(LongformerClassifierDataConfig(classify_data=reviews,
                                                                 seq_length=SEQ_LENGTH))
@@ -97,16 +105,14 @@ def adapt_to_reviews(paths: dict, reviews: str, pretrained: str, save: str) -> f
         for _, line, _ in train:
             f.write(json.dumps({"text": line}, ensure_ascii=False) + "\n")
     prefix = os.path.join(work_dir, "bert_reviews_train")
-    subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", text,
-                    "--output-prefix", prefix, "--tokenizer", paths["tokenizer"],
-                    "--word-boundaries", "--workers", "1", "--quiet"],
-                   cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    sample_data.run_tool("preprocess_data", [
+        "--input", text, "--output-prefix", prefix, "--tokenizer", paths["tokenizer"],
+        "--word-boundaries", "--workers", "1", "--quiet"])
+    start = [*model_flags(pretrained), "--load", pretrained, "--finetune"] if pretrained else []
     return longformer_learning.train(
         paths | {"train": prefix}, save,
-        [*model_flags(pretrained), "--load", pretrained, "--finetune",
-         "--train-iters", str(ADAPT_ITERS),
-         "--lr-warmup-iters", "50", "--eval-interval", "none",
-         "--save-interval", str(ADAPT_ITERS)])
+        [*start, "--train-iters", str(iters), "--lr-warmup-iters", "50",
+         "--eval-interval", "none", "--save-interval", str(iters), *extra])
 
 
 @torch.no_grad()
@@ -145,9 +151,7 @@ def held_out_accuracy(ckpt: str, reviews: str, *, max_examples: int | None = Non
 
 
 def render(rows: dict, argv: list[str], started, train_iters: int, passed: dict,
-           seeds: list[int]) -> str:
-    import deepspeed
-    command = " ".join(["python benchmarks/longformer_classify.py", *argv])
+           seeds: list[int], load_start: float | None = None) -> str:
     scratch, pre = rows["scratch"], rows["pretrained"]
     majority = scratch["majority"]
     verdict = {True: "pass", False: "FAIL"}
@@ -157,17 +161,14 @@ def render(rows: dict, argv: list[str], started, train_iters: int, passed: dict,
                 + f" | **{r['accuracy']:.3f}** | {r['std']:.3f} | {r['accuracy'] - majority:+.3f} | "
                 f"{required} | {verdict[ok]} | {r['wall_s'] / 60:.1f} min |")
     return "\n".join([
-        f"- Command: `{command}`",
-        f"- Date: {started:%Y-%m-%d %H:%M} UTC; machine: {os.cpu_count()} cores "
-        f"({len(os.sched_getaffinity(0))} usable, shared with other jobs; load average "
-        f"{os.getloadavg()[0]:.1f} at the end); torch {torch.__version__}, deepspeed "
-        f"{deepspeed.__version__}, Python {platform.python_version()}",
+        *provenance(__file__, argv, started, load_start=load_start,
+                    note="The machine is shared with other jobs."),
         f"- Data: the sample corpus's reviews.jsonl, {scratch['train_examples']} training and "
         f"{scratch['examples']} held-out lines (the trainer's fixed 10% split), [CLS] text "
         f"[SEP] cut at {SEQ_LENGTH} tokens, [CLS] global",
         f"- Model: configs/longformer/tiny.yaml's shape; pretrained = the checkpoint of "
         f"benchmarks/longformer_learning.py (init std {longformer_learning.INIT_STD}, MLM on "
-        f"news at 1024 tokens, {pre['pretrain_steps']} steps), then {ADAPT_ITERS} more MLM steps on the training reviews' text "
+        f"news at 1024 tokens, {pre['pretrain_steps']} steps), then {pre['adapt_iters']} more MLM steps on the training reviews' text "
         f"({pre['adapt_min']:.1f} min). "
         f"Both fine-tuned {train_iters} steps of 32 examples with the same flags "
         f"(`{' '.join(TRAINING)}`), one process each, once per seed ({', '.join(map(str, seeds))})",
@@ -192,29 +193,41 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--pretrained", default=None,
                    help="the pretrained Longformer checkpoint (default: WORK_DIR/checkpoint, made "
                         "by benchmarks/longformer_learning.py when absent)")
-    p.add_argument("--train-iters", type=int, default=600, help="fine-tuning steps of each run")
-    p.add_argument("--seeds", default="1,2,3",
-                   help="comma-separated fine-tuning seeds; each model is scored by its mean")
+    p.add_argument("--train-iters", type=int, default=None,
+                   help=f"fine-tuning steps of each run (default 600; --quick: {QUICK_ITERS})")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated fine-tuning seeds; each model is scored by its mean "
+                        "(default 1,2,3; --quick: 1)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run (data under WORK_DIR/quick): the first 600 reviews, one seed, "
+                        "every run 2 steps, and no news pretraining: the 'pretrained' model is "
+                        "only adapted to the reviews from its initialisation (unless "
+                        "--pretrained is given); the verdict means nothing")
     p.add_argument("--out", default=None, help="markdown file to record the results in")
     args = p.parse_args(argv)
-    seeds = [int(x) for x in args.seeds.split(",")]
+    seeds = [int(x) for x in (args.seeds or ("1" if args.quick else "1,2,3")).split(",")]
+    train_iters = args.train_iters or (QUICK_ITERS if args.quick else 600)
+    extra = QUICK_TRAINING if args.quick else []
     started = datetime.datetime.now(datetime.timezone.utc)
-    paths = longformer_learning.prepare_data(args.work_dir)
-    pretrained = args.pretrained or os.path.join(args.work_dir, "checkpoint")
-    if not os.path.exists(os.path.join(pretrained, "latest")):
+    load_start = os.getloadavg()[0]
+    paths = longformer_learning.prepare_data(args.work_dir, quick=args.quick)
+    work_dir = paths["root"]
+    pretrained = args.pretrained or (None if args.quick else os.path.join(work_dir, "checkpoint"))
+    if pretrained and not os.path.exists(os.path.join(pretrained, "latest")):
         longformer_learning.train(paths, pretrained, [])
     reviews = os.path.join(paths["corpus"], "reviews.jsonl")
-    adapted = os.path.join(args.work_dir, "checkpoint_reviews")
+    adapted = os.path.join(work_dir, "checkpoint_reviews")
     shutil.rmtree(adapted, ignore_errors=True)
-    adapt_wall = adapt_to_reviews(paths, reviews, pretrained, adapted)
+    adapt_iters = QUICK_ITERS if args.quick else ADAPT_ITERS
+    adapt_wall = adapt_to_reviews(paths, reviews, pretrained, adapted, adapt_iters, extra)
     paths["pretrained"] = adapted
     rows = {}
     for name, load in (("scratch", None), ("pretrained", adapted)):
         runs = []
         for seed in seeds:
-            save = os.path.join(args.work_dir, f"classify_{name}_seed{seed}")
+            save = os.path.join(work_dir, f"classify_{name}_seed{seed}")
             shutil.rmtree(save, ignore_errors=True)
-            wall = finetune(paths, reviews, save, load, args.train_iters, seed)
+            wall = finetune(paths, reviews, save, load, train_iters, seed, extra)
             runs.append(held_out_accuracy(save, reviews) | {"wall_s": wall})
         accuracies = [r["accuracy"] for r in runs]
         rows[name] = runs[0] | dict(
@@ -222,14 +235,15 @@ def main(argv: list[str] | None = None) -> dict:
             std=statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
             wall_s=statistics.mean(r["wall_s"] for r in runs))
     from megatron_lite.checkpoint.checkpointing import read_metadata
-    rows["pretrained"]["pretrain_steps"] = read_metadata(pretrained).step
+    rows["pretrained"]["pretrain_steps"] = read_metadata(pretrained).step if pretrained else 0
     rows["pretrained"]["adapt_min"] = adapt_wall / 60
+    rows["pretrained"]["adapt_iters"] = adapt_iters
     majority = rows["scratch"]["majority"]
     # Means over the fine-tuning seeds: one run's accuracy on 3.5k lines moves by about a point.
     passed = {"scratch": rows["scratch"]["accuracy"] >= majority + MARGIN,
               "pretrained": (rows["pretrained"]["accuracy"] >= majority + MARGIN
                              and rows["pretrained"]["accuracy"] >= rows["scratch"]["accuracy"])}
-    block = render(rows, argv, started, args.train_iters, passed, seeds)
+    block = render(rows, argv, started, train_iters, passed, seeds, load_start)
     print(block)
     if args.out:
         update_section(args.out, SECTION, BEGIN, END, block)

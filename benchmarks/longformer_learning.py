@@ -3,6 +3,7 @@ sample corpus with whole-word masking, then judge it on the whole validation spl
 
     python benchmarks/longformer_learning.py --out BENCHMARKS.md     # ~10 min on 2 shared cores
     python benchmarks/longformer_learning.py --train-iters 20 --work-dir /tmp/lfl   # a quick look
+    python benchmarks/longformer_learning.py --quick --work-dir /tmp/lfl   # smoke run, 2 steps
 
 Steps: the sample corpus (tools/prepare_sample_corpus.py) -> a BERT-preset character tokenizer
 (tools/train_tokenizer.py) -> indexed train/valid splits with jieba word boundaries -> 
@@ -18,7 +19,6 @@ import argparse
 import datetime
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -27,7 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.report import update_section  # noqa: E402
+from benchmarks import sample_data  # noqa: E402
+from benchmarks.report import provenance, update_section  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -41,33 +42,20 @@ LOSS_MARGIN = 0.3  # nats below the unigram entropy of the masked targets
 # The config's 0.02 is BERT's init for width 768; at width 128 it learns more slowly (margin 0.465
 # after 1000 steps against 0.511 from std 0.1), and its features help classification less.
 INIT_STD = 0.1
+# --quick: two steps of one block without warm-up, evaluation or a peak-FLOP/s probe; a few
+# blocks judged.
+QUICK_TRAINING = ["--train-iters", "2", "--lr-warmup-iters", "0", "--eval-interval", "none",
+                  "--log-interval", "1", "--peak-flops", "1e11", "--micro-batch-size", "1",
+                  "--global-batch-size", "1"]
+QUICK_BLOCKS = 4
 
 
-def prepare_data(work_dir: str) -> dict:
+def prepare_data(work_dir: str, quick: bool = False) -> dict:
     """Sample corpus -> BERT character tokenizer -> indexed splits with word boundaries (skipped
     when already there)."""
-    paths = dict(corpus=os.path.join(work_dir, "sample"),
-                 tokenizer=os.path.join(work_dir, "tok_bert"),
-                 train=os.path.join(work_dir, "bert_train"),
-                 valid=os.path.join(work_dir, "bert_valid"))
-    py = sys.executable
-    steps = [
-        (os.path.join(paths["corpus"], "valid.jsonl"),
-         [py, "tools/prepare_sample_corpus.py", "--out-dir", paths["corpus"]]),
-        (os.path.join(paths["tokenizer"], "vocab.txt"),
-         [py, "tools/train_tokenizer.py", "--input", os.path.join(paths["corpus"], "train.jsonl"),
-          "--output-dir", paths["tokenizer"], "--type", "char", "--preset", "bert"]),
-    ]
-    for split in ("train", "valid"):
-        steps.append((paths[split] + ".idx",
-                      [py, "tools/preprocess_data.py", "--input",
-                       os.path.join(paths["corpus"], f"{split}.jsonl"), "--output-prefix",
-                       paths[split], "--tokenizer", paths["tokenizer"], "--word-boundaries",
-                       "--workers", "1", "--quiet"]))
-    for done, cmd in steps:
-        if not os.path.exists(done):
-            subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    return paths
+    return sample_data.prepare(work_dir, tokenizer="tok_bert", prefix="bert_", quick=quick,
+                               tokenizer_args=["--type", "char", "--preset", "bert"],
+                               preprocess_args=("--word-boundaries",))
 
 
 def train(paths: dict, save: str, extra: list[str]) -> float:
@@ -129,15 +117,11 @@ def judge(ckpt: str, valid_prefix: str, *, max_blocks: int | None = None,
                 step=meta.step, passed=entropy - valid_loss >= LOSS_MARGIN)
 
 
-def render(result: dict, wall_s: float, argv: list[str], started) -> str:
-    import deepspeed
-    command = "python benchmarks/longformer_learning.py" + ("" if not argv else " " + " ".join(argv))
+def render(result: dict, wall_s: float, argv: list[str], started,
+           load_start: float | None = None) -> str:
     return "\n".join([
-        f"- Command: `{command}`",
-        f"- Date: {started:%Y-%m-%d %H:%M} UTC; machine: {os.cpu_count()} cores "
-        f"({len(os.sched_getaffinity(0))} usable, shared with other jobs; load average "
-        f"{os.getloadavg()[0]:.1f} at the end); torch {torch.__version__}, deepspeed "
-        f"{deepspeed.__version__}, Python {platform.python_version()}",
+        *provenance(__file__, argv, started, load_start=load_start,
+                    note="The machine is shared with other jobs."),
         f"- Training: `pretrain_longformer.py --config configs/longformer/tiny.yaml --seq-length "
         f"{SEQ_LENGTH} --init-std {INIT_STD}` on the sample corpus (BERT-preset character vocabulary, jieba whole-word "
         f"masking, documents packed into full blocks, [CLS] global), one process, "
@@ -162,19 +146,25 @@ def main(argv: list[str] | None = None) -> dict:
                    help="where the data and the checkpoint go (data is reused when present)")
     p.add_argument("--train-iters", type=int, default=None,
                    help="override the config's step budget (a quick look; not the acceptance run)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: the first documents of the corpus (under WORK_DIR/quick), "
+                        f"2 training steps, {QUICK_BLOCKS} blocks judged; the verdict means nothing")
     p.add_argument("--out", default=None, help="markdown file to record the results in")
     args = p.parse_args(argv)
     started = datetime.datetime.now(datetime.timezone.utc)
-    paths = prepare_data(args.work_dir)
-    save = os.path.join(args.work_dir, "checkpoint")
+    load_start = os.getloadavg()[0]
+    paths = prepare_data(args.work_dir, quick=args.quick)
+    save = os.path.join(paths["root"], "checkpoint")
     extra = [] if args.train_iters is None else ["--train-iters", str(args.train_iters)]
+    if args.quick:
+        extra = QUICK_TRAINING + extra
     if os.path.exists(save):
         import shutil
         shutil.rmtree(save)
     wall = train(paths, save, extra)
-    result = judge(save, paths["valid"])
+    result = judge(save, paths["valid"], max_blocks=QUICK_BLOCKS if args.quick else None)
     result["wall_s"] = wall
-    block = render(result, wall, argv, started)
+    block = render(result, wall, argv, started, load_start)
     print(block)
     if args.out:
         update_section(args.out, SECTION, BEGIN, END, block)

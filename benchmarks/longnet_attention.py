@@ -23,9 +23,7 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
-import shlex
 import subprocess
 import sys
 import time
@@ -34,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python benchmarks/longnet_attention.py` from a checkout
     sys.path.insert(0, ROOT)
 
-from benchmarks.report import update_section  # noqa: E402
+from benchmarks.report import provenance, update_section  # noqa: E402
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
@@ -195,18 +193,13 @@ def goals(rows, sp, args):
 
 
 def render(rows, sp, stop, args, argv, started, load) -> str:
-    command = "python benchmarks/longnet_attention.py" + ("" if not argv else " " + shlex.join(argv))
     branches = ", ".join(f"({w}, {r})" for w, r in zip(args.segment_lengths, args.dilation_rates))
     lines = [
-        f"- Command: `{command}`",
-        f"- Date: {started:%Y-%m-%d %H:%M} UTC",
-        f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB; {args.threads} torch threads "
-        f"(SP ranks: 1 each); torch {torch.__version__}, Python {platform.python_version()}",
+        *provenance(__file__, argv, started, load_start=load[0], threads=args.threads,
+                    note="SP ranks: 1 torch thread each. The machine is shared with other jobs: "
+                    "absolute times wander with them."),
         f"- Layer: hidden {args.hidden}, {args.heads} heads, causal, branches (w, r) {branches}, "
         "fp32, batch 1; forward + backward of the whole layer (qkv and output projections)",
-        f"- Load average (1 min) at start / now: {load[0]:.2f} / {os.getloadavg()[0]:.2f}. The "
-        "machine is shared with other jobs: absolute times wander with them.",
         "",
         "| tokens | forward + backward s | forward s | backward s | µs per token | "
         "peak RSS GiB | baseline GiB | (peak - baseline) KiB per token |",

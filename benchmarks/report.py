@@ -1,9 +1,14 @@
 """BENCHMARKS.md sections shared by the benchmark scripts: each script owns one section and
 rewrites only the generated block inside it (between its BEGIN and END markers), so hand-written
-notes in the section and the other scripts' sections stay as they are."""
+notes in the section and the other scripts' sections stay as they are. Every block opens with the
+same provenance lines (`provenance`): the command, the date, the machine and the versions."""
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import os
+import platform
+import shlex
 
 HEADER = ("# Benchmarks\n\nMeasured results of the scripts in `benchmarks/`; each section says "
           "how to reproduce its figures.\n")
@@ -33,3 +38,46 @@ def update_section(path: str, section: str, begin: str, end: str, block: str) ->
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_line(threads: int | None = None) -> str:
+    """CPU model (/proc/cpuinfo), cores, memory and, when given, the torch threads used."""
+    from megatron_lite.training.mfu import cpu_model
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    line = f"{cpu_model()}, {os.cpu_count()} cores ({cores} usable), {memory:.0f} GiB"
+    return line + ("" if threads is None else
+                   f"; {threads} torch thread{'s' if threads != 1 else ''}")
+
+
+def versions_line() -> str:
+    return (f"torch {_version('torch')}, DeepSpeed {_version('deepspeed')}, transformers "
+            f"{_version('transformers')}, Python {platform.python_version()}")
+
+
+def provenance(script: str, argv: list[str], started: datetime.datetime, *,
+               load_start: float | None = None, threads: int | None = None,
+               note: str = "") -> list[str]:
+    """The lines every generated block opens with: the command that regenerates it (`script` is
+    the benchmark's __file__, `argv` its arguments), the UTC start time, the machine (CPU model,
+    cores, memory, torch threads), the 1-minute load average at the start (`load_start`, when
+    the script took it) and now, and the versions of torch, DeepSpeed and transformers. `note`
+    follows the load average (what the load means for this benchmark's figures)."""
+    command = shlex.join(["python", f"benchmarks/{os.path.basename(script)}", *argv])
+    now = os.getloadavg()[0]
+    load = (f"{load_start:.2f} / {now:.2f}" if load_start is not None else f"{now:.2f}")
+    return [
+        f"- Command: `{command}`",
+        f"- Date: {started:%Y-%m-%d %H:%M} UTC",
+        f"- Machine: {machine_line(threads)}",
+        f"- Load average (1 min) {'at start / end' if load_start is not None else 'at the end'}: "
+        f"{load}" + (f". {note}" if note else ""),
+        f"- Versions: {versions_line()}",
+    ]

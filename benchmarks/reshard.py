@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -34,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python benchmarks/reshard.py` from a checkout
     sys.path.insert(0, ROOT)
 
-from benchmarks.report import update_section  # noqa: E402
+from benchmarks.report import provenance, update_section  # noqa: E402
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
@@ -171,26 +170,10 @@ def check_equal(src: str, dst: str, source_tp: int, target: int) -> None:
             raise AssertionError(f"{dst}: {key} differs from the source")
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def render(rows, cfg, args, argv, source_bytes, n_params, started, loads) -> str:
     name = os.path.relpath(args.config, ROOT)
-    cmd = " ".join(["python benchmarks/reshard.py", *argv])
     lines = [
-        f"- Command: `{cmd}`",
-        f"- Date: {started:%Y-%m-%d %H:%M} UTC",
-        f"- Machine: {cpu_model()}, {len(os.sched_getaffinity(0))} cores usable; torch "
-        f"{torch.__version__}, Python {platform.python_version()}, {platform.system()}",
-        f"- Load average (1 min) at start / end: {loads[0]:.2f} / {loads[1]:.2f}",
+        *provenance(__file__, argv, started, load_start=loads[0]),
         f"- Source: {name} ({n_params / 1e6:.0f}M parameters, {cfg.num_layers} layers, h "
         f"{cfg.hidden_size}, padded vocabulary {cfg.padded_vocab_size}), fp32 weights at "
         f"TP={args.source_tp}: {source_bytes / MB:,.0f} MB in {args.source_tp} model-state files",

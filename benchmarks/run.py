@@ -1,26 +1,32 @@
 """Regenerate BENCHMARKS.md: every section's benchmark in one command, or the ones named.
 
-    python benchmarks/run.py                              # every section (make bench)
+    python benchmarks/run.py                                 # every section (make bench)
     python benchmarks/run.py --section reshard,t5_learning   # some (make bench SECTION=reshard)
-    python benchmarks/run.py --quick                      # each on tiny shapes (make bench-quick)
-    python benchmarks/run.py --list                       # the sections and their durations
+    python benchmarks/run.py --quick                         # each on tiny shapes (make bench-quick)
+    python benchmarks/run.py --list                          # the sections and their durations
 
-Each section is one script of this directory run as a child process with the arguments its
-BENCHMARKS.md block names as its command; its output goes to a log file (printed), and a bar
-shows the elapsed time against the section's expected duration. The durations are estimates from
-the recorded runs on the 2-core VM these figures come from, quiet; a shared machine takes longer.
-`--quick` runs each script on tiny shapes and writes nothing into BENCHMARKS.md: it only checks
-that every benchmark still runs end to end, and fails naming the sections that did not.
+Each section is one script of this directory, run as a child process with the arguments its
+BENCHMARKS.md block names as its command; its output goes to a log file (printed), and a bar shows
+the elapsed time against the section's expected duration. The durations are estimates, from the
+wall times of the recorded runs on the 2-core VM these figures come from; a busy machine takes
+longer. `--quick` runs each script's quick variant (tiny shapes, a few training steps, its
+generated block written into a scratch copy of BENCHMARKS.md, never the real one): it checks that
+every benchmark still runs end to end and renders its block with the provenance lines of
+benchmarks/report.py, and fails naming the sections that did not, with the end of their logs.
+Quick runs go one per core at a time (`--jobs`), each section's processes pinned to its core, so
+that their threads never contend; full runs go one at a time on the whole machine.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import queue
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,49 +35,66 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @dataclass(frozen=True)
 class Section:
     script: str
+    """The script, in benchmarks/ (or an absolute path)."""
     full: tuple[str, ...]
+    """Arguments of the run whose figures BENCHMARKS.md holds (the command its block names)."""
     minutes: float
-    """Expected duration of the full run on a quiet 2-core machine."""
-    quick: tuple[str, ...] | None
-    """Arguments of the quick check ({tmp} is a scratch directory); None: no quick mode yet (the
-    learning benchmarks' --train-iters must stay above their configs' warmup, so a tiny run
-    needs its own flags)."""
+    """Expected duration of the full run on a quiet 2-core machine (an estimate)."""
+    quick: tuple[str, ...]
+    """Arguments of the quick check; {tmp} is a scratch directory. `--out {tmp}/BENCHMARKS.md` is
+    added: the block is rendered and written, into the scratch copy."""
+    quick_seconds: float
+    """Expected duration of the quick check on one core of a quiet machine (an estimate: the CPU
+    time it took)."""
 
 
 OUT = ("--out", "BENCHMARKS.md")
+QUICK_WORK = ("--quick", "--work-dir", "{tmp}")
 SECTIONS = {
-    "data_pipeline": Section("data_pipeline.py", OUT, 11,
-                             ("--corpus-docs", "300", "--repeats", "1", "--rounds", "1",
-                              "--workers", "1", "--work-dir", "{tmp}")),
+    "data_pipeline": Section(
+        "data_pipeline.py", OUT, 11,
+        ("--corpus-docs", "100", "--corpus-copies", "1", "--repeats", "1", "--workers", "1",
+         "--rounds", "1", "--min-time", "0.01", "--micro-batch-size", "2", "--work-dir", "{tmp}"),
+        8),
     "train_throughput": Section(
         "train_throughput.py", ("--shapes", "tiny", "linglong-106m", "--seq-length", "1024",
                                 "--micro-batch-size", "1", "--warmup", "1", "--steps", "5", *OUT),
-        12, ("--shapes", "tiny", "--seq-length", "64", "--warmup", "0", "--steps", "1")),
+        12, ("--shapes", "tiny", "--seq-length", "64", "--warmup", "0", "--steps", "1",
+             "--threads", "1", "--peak-flops", "1e11", "--no-memory"), 8),
     "reshard": Section("reshard.py", OUT, 2,
-                       ("--config", "configs/gpt/tiny.yaml", "--vocab-size", "1000",
-                        "--targets", "1")),
+                       ("--config", "configs/gpt/tiny.yaml", "--vocab-size", "300",
+                        "--targets", "1", "--work-dir", "{tmp}"), 8),
     "train_throughput_t5": Section(
         "train_throughput_t5.py", ("--steps", "7", "--threads", "1", *OUT), 12,
         ("--shapes", "tiny", "--seq-length", "64", "--decoder-seq-length", "16", "--warmup", "0",
-         "--steps", "1")),
-    "t5_learning": Section("t5_learning.py", OUT, 6, None),
-    "longformer_attention": Section("longformer_attention.py", OUT, 10, ("--quick",)),
-    "longformer_learning": Section("longformer_learning.py", OUT, 8, None),
+         "--steps", "1", "--threads", "1", "--peak-flops", "1e11"), 9),
+    "t5_learning": Section("t5_learning.py", OUT, 6, QUICK_WORK, 9),
+    "longformer_attention": Section("longformer_attention.py", OUT, 10,
+                                    ("--quick", "--threads", "1"), 6),
+    "longformer_learning": Section("longformer_learning.py", OUT, 8, QUICK_WORK, 11),
     "longformer_classify": Section("longformer_classify.py",
-                                   ("--work-dir", "runs/longformer_learning", *OUT), 30, None),
-    "transformer_xl_learning": Section("transformer_xl_learning.py", OUT, 45, None),
-    "sparse_attention": Section("sparse_attention.py", OUT, 15, ("--quick",)),
+                                   ("--work-dir", "runs/longformer_learning", *OUT), 21,
+                                   QUICK_WORK, 20),
+    "transformer_xl_learning": Section("transformer_xl_learning.py", OUT, 55, QUICK_WORK, 14),
+    "sparse_attention": Section("sparse_attention.py", OUT, 15, ("--quick", "--threads", "1"), 9),
     "longnet_attention": Section("longnet_attention.py", ("--threads", "1", *OUT), 21,
-                                 ("--quick",)),
+                                 ("--quick", "--max-tokens", "256", "--sp-tokens", "256"), 10),
 }
 
 
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
 def _bar(name: str, expected_s: float, done: threading.Event) -> None:
-    """A bar of elapsed / expected seconds until `done` (it stops at 99% if the run is slow)."""
+    """Elapsed against expected time until `done`; it stays below 100% while a run overruns."""
     from tqdm import tqdm
     total = max(1, int(expected_s))
-    with tqdm(total=total, desc=f"{name} (elapsed/expected s)", unit="s", leave=True,
-              bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total}") as bar:
+    fmt = ("{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed / " + _clock(expected_s)
+           + " expected")
+    with tqdm(total=total, desc=name, bar_format=fmt, leave=True, file=sys.stderr,
+              disable=None) as bar:  # no bar unless stderr is a terminal
         start = time.monotonic()
         while not done.wait(1.0):
             bar.n = min(int(time.monotonic() - start), total - 1)
@@ -80,33 +103,76 @@ def _bar(name: str, expected_s: float, done: threading.Event) -> None:
         bar.refresh()
 
 
-def run_section(name: str, quick: bool, log_dir: str, progress: bool = True) -> tuple[bool, float,
-                                                                                      str]:
-    """Run one section; returns (succeeded, wall seconds, log path)."""
+def _run(cmd: list[str], log) -> tuple[int, float]:
+    """Run `cmd` with its output to `log`; (exit code, CPU seconds of it and its children)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:  # Ctrl-C: the child got it too; do not leave it behind
+        proc.kill()
+        proc.wait()
+        raise
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_utime + usage.ru_stime
+
+
+def _check_block(name: str, out: str) -> str | None:
+    """What is wrong with the block a quick run wrote into `out`, or None."""
+    command = f"- Command: `python benchmarks/{os.path.basename(SECTIONS[name].script)}"
+    try:
+        with open(out, encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return f"{name}: the quick run wrote no {out}"
+    for line in (command, "- Machine: ", "- Versions: torch "):
+        if line not in text:
+            return (f"{name}: its block in {out} has no `{line.strip()}` line (open it with "
+                    "benchmarks/report.py's provenance())")
+    return None
+
+
+# Starts a script with its CPU affinity (and every child's) restricted to the cores given first.
+_PINNED = ("import os, sys; os.sched_setaffinity(0, map(int, sys.argv[1].split(','))); "
+           "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
+
+
+def run_section(name: str, quick: bool, log_dir: str, progress: bool = True,
+                cores: list[int] | None = None) -> tuple[bool, float, float, str]:
+    """Run one section, on `cores` only if given; returns (succeeded, wall seconds, CPU seconds
+    of its processes, log)."""
     section = SECTIONS[name]
     log = os.path.join(log_dir, f"{name}{'_quick' if quick else ''}.log")
     with tempfile.TemporaryDirectory(prefix=f"bench_{name}_") as tmp:
-        args = [a.format(tmp=tmp) for a in (section.quick if quick else section.full)]
+        out = os.path.join(tmp, "BENCHMARKS.md")
+        args = ([a.format(tmp=tmp) for a in section.quick] + ["--out", out] if quick
+                else list(section.full))
         cmd = [sys.executable, os.path.join("benchmarks", section.script), *args]
+        shown = "$ " + " ".join(cmd) + (f"    (on cores {cores})" if cores else "") + "\n"
+        if cores is not None:  # its processes see these cores only, and size their threads so
+            cmd = [sys.executable, "-c", _PINNED, ",".join(map(str, cores)), *cmd[1:]]
         done = threading.Event()
         bar = None
         if progress:
-            bar = threading.Thread(target=_bar, args=(name, 60 if quick else section.minutes * 60,
-                                                      done), daemon=True)
+            expected = section.quick_seconds if quick else section.minutes * 60
+            bar = threading.Thread(target=_bar, args=(name, expected, done), daemon=True)
             bar.start()
         start = time.monotonic()
         with open(log, "w") as f:
-            f.write("$ " + " ".join(cmd) + "\n")
+            f.write(shown)
             f.flush()
-            code = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+            code, cpu = _run(cmd, f)
+            problem = _check_block(name, out) if quick and code == 0 else None
+            if problem:
+                f.write(f"\nbenchmarks/run.py: {problem}\n")
         wall = time.monotonic() - start
         done.set()
         if bar is not None:
             bar.join()
-    return code == 0, wall, log
+    return code == 0 and problem is None, wall, cpu, log
 
 
-def tail(path: str, lines: int = 15) -> str:
+def tail(path: str, lines: int = 20) -> str:
     with open(path, errors="replace") as f:
         return "".join(f.readlines()[-lines:])
 
@@ -127,40 +193,84 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--section", action="append",
                    help="section(s) to run, comma-separated or repeated (default: all)")
     p.add_argument("--quick", action="store_true",
-                   help="tiny shapes, nothing written to BENCHMARKS.md: check that each runs")
+                   help="tiny shapes, BENCHMARKS.md untouched: check that each section runs")
     p.add_argument("--list", action="store_true", help="print the sections and exit")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="sections run at a time, each on its share of the cores (default 1, "
+                        "whose figures nothing disturbs; --quick: one per core, since a quick run "
+                        "measures nothing)")
     p.add_argument("--log-dir", default=os.path.join(ROOT, "runs", "bench_logs"))
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     names = select(args.section)
-    if args.quick:
-        skipped = [n for n in names if SECTIONS[n].quick is None]
-        names = [n for n in names if SECTIONS[n].quick is not None]
-        if skipped:
-            print(f"no quick mode yet, not checked: {', '.join(skipped)}")
-    total = sum(SECTIONS[n].minutes for n in names)
+    cores = sorted(os.sched_getaffinity(0))
+    jobs = max(1, min(args.jobs or (len(cores) if args.quick else 1), len(names), len(cores)))
+    missing = [f"benchmarks/{SECTIONS[n].script} (section {n})" for n in names
+               if not os.path.isfile(os.path.join(ROOT, "benchmarks", SECTIONS[n].script))]
+    if missing:
+        raise SystemExit(f"benchmarks/run.py: missing script {', '.join(missing)}")
+
+    def expected(n):
+        return SECTIONS[n].quick_seconds if args.quick else SECTIONS[n].minutes * 60
+    total = sum(map(expected, names)) / min(jobs, len(names))
     print(("quick check of " if args.quick else "")
-          + f"{len(names)} section(s); expected minutes on a quiet 2-core machine:")
+          + f"{len(names)} section(s); expected time on a quiet 2-core machine (estimates from "
+          "recorded runs; a busy machine takes longer):")
     for n in names:
-        print(f"  {n:<26} {'~1' if args.quick else SECTIONS[n].minutes:>4}")
-    if not args.quick:
-        print(f"  {'total':<26} {total:>4g}")
+        print(f"  {n:<26} {_clock(expected(n)):>8}")
+    print(f"  {'total':<26} {_clock(total):>8}"
+          + (f" ({jobs} sections at a time)" if jobs > 1 else ""), flush=True)
     if args.list:
         return 0
+    from tqdm import tqdm
     os.makedirs(args.log_dir, exist_ok=True)
-    results = []
-    for n in names:
-        ok, wall, log = run_section(n, args.quick, args.log_dir, not args.no_progress)
-        results.append((n, ok, wall, log))
-        print(f"{n}: {'ok' if ok else 'FAILED'} in {wall:.0f} s (log: {log})", flush=True)
+    print(f"logs in {args.log_dir}", flush=True)
+    results, start = {}, time.monotonic()
+
+    def report(n, ok, wall, cpu, log):
+        results[n] = (ok, wall, cpu)
+        message = f"{n}: {'ok' if ok else 'FAILED'} in {_clock(wall)} (log: {log})"
         if not ok:
-            print(tail(log), flush=True)
-    print("\n| section | status | wall s |\n|---|---|---:|")
-    for n, ok, wall, _ in results:
-        print(f"| {n} | {'ok' if ok else 'FAILED'} | {wall:.0f} |")
+            message += f"\n--- the end of {log}:\n{tail(log)}---"
+        tqdm.write(message, file=sys.stdout)  # above a running bar, not through it
+        sys.stdout.flush()
+
+    if jobs == 1:  # one bar per section
+        for n in names:
+            report(n, *run_section(n, args.quick, args.log_dir, not args.no_progress))
+    else:  # one bar for them all; each section on its own share of the cores
+        free = queue.Queue()
+        for i in range(jobs):
+            free.put(cores[i::jobs])
+
+        def pinned(n):
+            share = free.get()
+            try:
+                return run_section(n, args.quick, args.log_dir, False, share)
+            finally:
+                free.put(share)
+
+        done = threading.Event()
+        bar = threading.Thread(target=_bar, args=(f"{len(names)} sections", total, done),
+                               daemon=True)
+        if not args.no_progress:
+            bar.start()
+        with ThreadPoolExecutor(jobs) as pool:  # the longest first
+            runs = {pool.submit(pinned, n): n for n in sorted(names, key=expected, reverse=True)}
+            for future in as_completed(runs):
+                report(runs[future], *future.result())
+        done.set()
+        if bar.is_alive():
+            bar.join()
+    results = [(n, *results[n]) for n in names]
+    print("\n| section | status | wall | CPU s |\n|---|---|---:|---:|")
+    for n, ok, wall, cpu in results:
+        print(f"| {n} | {'ok' if ok else 'FAILED'} | {_clock(wall)} | {cpu:.0f} |")
+    print(f"| total{f' ({jobs} at a time)' if jobs > 1 else ''} | | "
+          f"{_clock(time.monotonic() - start)} | {sum(r[3] for r in results):.0f} |", flush=True)
     failed = [n for n, ok, _, _ in results if not ok]
     if failed:
-        print(f"failed: {', '.join(failed)} (logs in {args.log_dir})")
+        print(f"failed: {', '.join(failed)} (logs in {args.log_dir})", flush=True)
     return 1 if failed else 0
 
 

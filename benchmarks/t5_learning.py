@@ -2,6 +2,7 @@
 
     python benchmarks/t5_learning.py --out BENCHMARKS.md          # ~10-20 min on 2 shared cores
     python benchmarks/t5_learning.py --train-iters 20 --work-dir /tmp/t5l   # a quick look
+    python benchmarks/t5_learning.py --quick --work-dir /tmp/t5l   # smoke run: 150 documents, 2 steps
 
 Steps: the sample corpus (tools/prepare_sample_corpus.py) -> a sentencepiece tokenizer with
 sentinels (tools/train_tokenizer.py, vocab 4000) -> indexed train/valid splits -> pretrain_t5.py
@@ -20,7 +21,6 @@ import argparse
 import datetime
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -29,7 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.report import update_section  # noqa: E402
+from benchmarks import sample_data  # noqa: E402
+from benchmarks.report import provenance, update_section  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -39,30 +40,19 @@ END = "<!-- t5_learning:end -->"
 CONFIG = os.path.join(ROOT, "configs", "t5", "tiny.yaml")
 LOSS_MARGIN = 0.3     # nats below the unigram entropy
 MIN_ORDERED = 80      # of 100 greedy outputs
+# --quick: two steps of two examples without warm-up, evaluation or a peak-FLOP/s probe, and a
+# small judgement.
+QUICK_TRAINING = ["--train-iters", "2", "--lr-warmup-iters", "0", "--eval-interval", "none",
+                  "--log-interval", "1", "--peak-flops", "1e11", "--micro-batch-size", "2",
+                  "--global-batch-size", "2"]
+QUICK_JUDGE = dict(n_loss=8, n_generate=8, batch_size=8)
 
 
-def prepare_data(work_dir: str) -> dict:
+def prepare_data(work_dir: str, quick: bool = False) -> dict:
     """Sample corpus -> sentencepiece tokenizer -> indexed splits (skipped when already there)."""
-    paths = dict(corpus=os.path.join(work_dir, "sample"), tokenizer=os.path.join(work_dir, "tok_sp"),
-                 train=os.path.join(work_dir, "sp_train"), valid=os.path.join(work_dir, "sp_valid"))
-    py = sys.executable
-    steps = [
-        (os.path.join(paths["corpus"], "valid.jsonl"),
-         [py, "tools/prepare_sample_corpus.py", "--out-dir", paths["corpus"]]),
-        (os.path.join(paths["tokenizer"], "spiece.model"),
-         [py, "tools/train_tokenizer.py", "--input", os.path.join(paths["corpus"], "train.jsonl"),
-          "--output-dir", paths["tokenizer"], "--type", "sentencepiece", "--vocab-size", "4000",
-          "--character-coverage", "0.995"]),
-    ]
-    for split in ("train", "valid"):
-        steps.append((paths[split] + ".idx",
-                      [py, "tools/preprocess_data.py", "--input",
-                       os.path.join(paths["corpus"], f"{split}.jsonl"), "--output-prefix",
-                       paths[split], "--tokenizer", paths["tokenizer"], "--workers", "1", "--quiet"]))
-    for done, cmd in steps:
-        if not os.path.exists(done):
-            subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    return paths
+    return sample_data.prepare(work_dir, tokenizer="tok_sp", prefix="sp_", quick=quick,
+                               tokenizer_args=["--type", "sentencepiece", "--vocab-size", "4000",
+                                               "--character-coverage", "0.995"])
 
 
 def train(paths: dict, save: str, extra: list[str]) -> float:
@@ -152,15 +142,11 @@ def judge(ckpt: str, valid_prefix: str, *, n_loss: int | None = None, n_generate
                 passed=entropy - valid_loss >= LOSS_MARGIN and ok >= MIN_ORDERED * n_generate / 100)
 
 
-def render(result: dict, wall_s: float, argv: list[str], started) -> str:
-    import deepspeed
-    command = "python benchmarks/t5_learning.py" + ("" if not argv else " " + " ".join(argv))
+def render(result: dict, wall_s: float, argv: list[str], started,
+           load_start: float | None = None) -> str:
     lines = [
-        f"- Command: `{command}`",
-        f"- Date: {started:%Y-%m-%d %H:%M} UTC; machine: {os.cpu_count()} cores "
-        f"({len(os.sched_getaffinity(0))} usable, shared with other jobs; load average "
-        f"{os.getloadavg()[0]:.1f} at the end); torch {torch.__version__}, deepspeed "
-        f"{deepspeed.__version__}, Python {platform.python_version()}",
+        *provenance(__file__, argv, started, load_start=load_start,
+                    note="The machine is shared with other jobs."),
         f"- Training: `pretrain_t5.py --config configs/t5/tiny.yaml` on the sample corpus "
         f"(sentencepiece, vocab 4000), one process, {result['step']} steps: "
         f"**{wall_s / 60:.1f} min wall time** (start-up and evaluations included)",
@@ -197,19 +183,25 @@ def main(argv: list[str] | None = None) -> dict:
                    help="where the data and the checkpoint go (data is reused when present)")
     p.add_argument("--train-iters", type=int, default=None,
                    help="override the config's step budget (a quick look; not the acceptance run)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: the first documents of the corpus (under WORK_DIR/quick), "
+                        "2 training steps, 8 examples judged; the verdict means nothing")
     p.add_argument("--out", default=None, help="markdown file to record the results in")
     args = p.parse_args(argv)
     started = datetime.datetime.now(datetime.timezone.utc)
-    paths = prepare_data(args.work_dir)
-    save = os.path.join(args.work_dir, "checkpoint")
+    load_start = os.getloadavg()[0]
+    paths = prepare_data(args.work_dir, quick=args.quick)
+    save = os.path.join(paths["root"], "checkpoint")
     extra = [] if args.train_iters is None else ["--train-iters", str(args.train_iters)]
+    if args.quick:
+        extra = QUICK_TRAINING + extra
     if os.path.exists(save):
         import shutil
         shutil.rmtree(save)
     wall = train(paths, save, extra)
-    result = judge(save, paths["valid"])
+    result = judge(save, paths["valid"], **(QUICK_JUDGE if args.quick else {}))
     result["wall_s"] = wall
-    block = render(result, wall, argv, started)
+    block = render(result, wall, argv, started, load_start)
     print(block)
     if args.out:
         update_markdown(args.out, block)

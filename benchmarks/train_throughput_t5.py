@@ -24,8 +24,6 @@ import datetime
 import gc
 import logging
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -34,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python benchmarks/train_throughput_t5.py` from a checkout
     sys.path.insert(0, ROOT)
 
-from benchmarks.report import update_section  # noqa: E402
+from benchmarks.report import provenance, update_section  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -198,24 +196,16 @@ def bench_shape(shape: str, args, tcfg, ds_path: str, ps, peak: float) -> list[d
 
 
 def render(rows, args, argv, ds_path, peak, started, load) -> str:
-    import deepspeed
-    import transformers
-    command = "python benchmarks/train_throughput_t5.py" + ("" if not argv else " " + shlex.join(argv))
     lines = [
-        f"- Command: `{command}`",
-        f"- Date: {started:%Y-%m-%d %H:%M} UTC",
-        f"- Machine: {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
-        f"{args.threads} torch threads; torch {torch.__version__}, deepspeed "
-        f"{deepspeed.__version__}, transformers {transformers.__version__}, Python "
-        f"{platform.python_version()}",
+        *provenance(__file__, argv, started, load_start=load[0], threads=args.threads,
+                    note="The machine is shared, so absolute figures wander: the interleaved "
+                    "per-round ratio is the one to rely on."),
         f"- Peak: {peak / 1e9:.1f} GFLOP/s fp32 "
         f"({'--peak-flops' if args.peak_flops else 'best of 5 fp32 4096³ matmuls, cached'})",
         f"- Engine: DeepSpeed, {os.path.relpath(ds_path, ROOT)} (ZeRO stage {args.zero_stage}), "
         f"fp32, torch AdamW; micro-batch {args.micro_batch_size}, encoder {args.seq_length} + "
         f"decoder {args.decoder_seq_length} tokens, {args.warmup} warm-up step(s), {args.steps} "
         f"timed round(s) per model",
-        f"- Load average (1 min) at start / end: {load[0]:.2f} / {load[1]:.2f}; the machine is "
-        f"shared, so absolute figures wander: the interleaved per-round ratio is the one to rely on.",
         "",
         "| shape | model | params | step s, median (min–max) | CPU s / step | tokens/s (enc+dec) "
         "| MFU | ours/theirs: wall (CPU) |",

@@ -3,6 +3,7 @@ sample corpus with segments of 128 characters, each scored on the whole validati
 
     python benchmarks/transformer_xl_learning.py --out BENCHMARKS.md    # 9 runs, 2 at a time
     python benchmarks/transformer_xl_learning.py --train-iters 20 --seeds 1 --work-dir /tmp/xll
+    python benchmarks/transformer_xl_learning.py --quick --work-dir /tmp/xll   # smoke run
 
 The models (configs/transformer_xl/tiny.yaml and configs/gpt/tiny.yaml: 2 layers, width 64,
 4 heads, FFN 256), trained by pretrain.py as a user runs it, one process each, on the same
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -37,7 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.report import update_section  # noqa: E402
+from benchmarks import sample_data  # noqa: E402
+from benchmarks.report import provenance, update_section  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -56,30 +57,19 @@ RUNS = {
 }
 BASELINES = ("xl_mem0", "gpt_ctx128")
 INIT_STD = 0.1
+# --quick: one seed of the XL with memory and the GPT (two models, with and without per-stream
+# state), two steps of two streams each without warm-up or a peak-FLOP/s probe, 8 validation
+# segments.
+QUICK_RUNS = ("xl_mem128", "gpt_ctx128")
+QUICK_TRAINING = ["--train-iters", "2", "--lr-warmup-iters", "0", "--log-interval", "1",
+                  "--peak-flops", "1e11", "--micro-batch-size", "2", "--global-batch-size", "2"]
+QUICK_SEGMENTS = 8
 
 
-def prepare_data(work_dir: str) -> dict:
+def prepare_data(work_dir: str, quick: bool = False) -> dict:
     """Sample corpus -> LingLong character tokenizer -> indexed splits (skipped when there)."""
-    paths = dict(corpus=os.path.join(work_dir, "sample"), tokenizer=os.path.join(work_dir, "tok"),
-                 train=os.path.join(work_dir, "train"), valid=os.path.join(work_dir, "valid"))
-    py = sys.executable
-    steps = [
-        (os.path.join(paths["corpus"], "valid.jsonl"),
-         [py, "tools/prepare_sample_corpus.py", "--out-dir", paths["corpus"]]),
-        (os.path.join(paths["tokenizer"], "vocab.txt"),
-         [py, "tools/train_tokenizer.py", "--input", os.path.join(paths["corpus"], "train.jsonl"),
-          "--output-dir", paths["tokenizer"], "--type", "char", "--preset", "linglong"]),
-    ]
-    for split in ("train", "valid"):
-        steps.append((paths[split] + ".idx",
-                      [py, "tools/preprocess_data.py", "--input",
-                       os.path.join(paths["corpus"], f"{split}.jsonl"), "--output-prefix",
-                       paths[split], "--tokenizer", paths["tokenizer"], "--workers", "1",
-                       "--quiet"]))
-    for done, cmd in steps:
-        if not os.path.exists(done):
-            subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    return paths
+    return sample_data.prepare(work_dir, tokenizer="tok", quick=quick,
+                               tokenizer_args=["--type", "char", "--preset", "linglong"])
 
 
 def train(paths: dict, name: str, seed: int, save: str, extra: list[str]) -> float:
@@ -94,8 +84,13 @@ def train(paths: dict, name: str, seed: int, save: str, extra: list[str]) -> flo
         shutil.rmtree(save)
     start = time.perf_counter()
     with open(save + ".log", "w") as log:
-        subprocess.run(cmd, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+        code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, OMP_NUM_THREADS="1")).returncode
+    if code:
+        with open(save + ".log", errors="replace") as log:
+            tail = log.read()[-3000:]
+        raise RuntimeError(f"{name} seed {seed}: pretrain.py exited with {code}; the end of "
+                           f"{save}.log:\n{tail}")
     return time.perf_counter() - start
 
 
@@ -142,21 +137,19 @@ def summarize(losses: dict) -> dict:
     stats = {name: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
              for name, v in losses.items()}
     margins = {}
-    for base in BASELINES:
+    for base in (b for b in BASELINES if b in stats):  # --quick trains some of them
         margin = stats[base][0] - stats["xl_mem128"][0]
         need = 2 * max(stats[base][1], stats["xl_mem128"][1])
         margins[base] = dict(margin=margin, need=need, passed=margin > need)
     return dict(stats=stats, margins=margins, passed=all(m["passed"] for m in margins.values()))
 
 
-def render(result: dict, argv: list[str], started, seeds: list[int]) -> str:
-    import deepspeed
-    command = ("python benchmarks/transformer_xl_learning.py"
-               + ("" if not argv else " " + " ".join(argv)))
+def render(result: dict, argv: list[str], started, seeds: list[int],
+           load_start: float | None = None) -> str:
     first = next(iter(result["judged"].values()))
     rows = ["| run | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std | train min |",
             "|---|" + "---:|" * (len(seeds) + 3)]
-    for name in RUNS:
+    for name in result["losses"]:
         mean, std = result["stats"][name]
         rows.append(f"| `{name}` | " + " | ".join(f"{x:.4f}" for x in result["losses"][name])
                     + f" | **{mean:.4f}** | {std:.4f} | "
@@ -167,11 +160,8 @@ def render(result: dict, argv: list[str], started, seeds: list[int]) -> str:
         margins.append(f"| `{base}` | {m['margin']:.4f} nats | > {m['need']:.4f} | "
                        f"{'pass' if m['passed'] else 'FAIL'} |")
     return "\n".join([
-        f"- Command: `{command}`",
-        f"- Date: {started:%Y-%m-%d %H:%M} UTC; machine: {os.cpu_count()} cores "
-        f"({len(os.sched_getaffinity(0))} usable, shared with other jobs; load average "
-        f"{os.getloadavg()[0]:.1f} at the end); torch {torch.__version__}, deepspeed "
-        f"{deepspeed.__version__}, Python {platform.python_version()}",
+        *provenance(__file__, argv, started, load_start=load_start,
+                    note="The machine is shared with other jobs."),
         f"- Training: `pretrain.py` with configs/transformer_xl/tiny.yaml (`--mem-length 128` / "
         f"`0`) and configs/gpt/tiny.yaml (`--no-sparse-attention`), `--seq-length {SEGMENT}`, "
         f"{first['step']} steps of 16 x {SEGMENT} tokens, init std {INIT_STD}, dropout 0.1, fp32, "
@@ -191,36 +181,46 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "transformer_xl_learning"),
                    help="where the data and the checkpoints go (data is reused when present)")
-    p.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated training seeds (default 1,2,3; --quick: 1)")
     p.add_argument("--train-iters", type=int, default=None,
                    help="override the configs' step budget (a quick look; not the acceptance run)")
     p.add_argument("--jobs", type=int, default=2, help="training runs at a time")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run (data under WORK_DIR/quick): {' and '.join(QUICK_RUNS)} only, "
+                        f"2 steps each, {QUICK_SEGMENTS} validation segments; the verdict means "
+                        "nothing")
     p.add_argument("--out", default=None, help="markdown file to record the results in")
     args = p.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = [int(s) for s in (args.seeds or ("1" if args.quick else "1,2,3")).split(",")]
+    runs = QUICK_RUNS if args.quick else tuple(RUNS)
     started = datetime.datetime.now(datetime.timezone.utc)
-    paths = prepare_data(args.work_dir)
+    load_start = os.getloadavg()[0]
+    paths = prepare_data(args.work_dir, quick=args.quick)
     extra = [] if args.train_iters is None else ["--train-iters", str(args.train_iters)]
-    jobs = [(name, seed) for seed in seeds for name in RUNS]
+    if args.quick:
+        extra = QUICK_TRAINING + extra
+    jobs = [(name, seed) for seed in seeds for name in runs]
 
     def one(job):
         name, seed = job
-        save = os.path.join(args.work_dir, f"{name}_seed{seed}")
+        save = os.path.join(paths["root"], f"{name}_seed{seed}")
         return job, save, train(paths, name, seed, save, extra)
 
-    losses = {name: [] for name in RUNS}
-    wall = {name: [] for name in RUNS}
+    losses = {name: [] for name in runs}
+    wall = {name: [] for name in runs}
     judged = {}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         done = list(pool.map(one, jobs))
     for (name, seed), save, seconds in done:
-        judged[(name, seed)] = judge(save, paths["valid"])
+        judged[(name, seed)] = judge(save, paths["valid"],
+                                     max_segments=QUICK_SEGMENTS if args.quick else None)
         losses[name].append(judged[(name, seed)]["valid_loss"])
         wall[name].append(seconds)
         print(f"{name} seed {seed}: {judged[(name, seed)]['valid_loss']:.4f} "
               f"({seconds / 60:.1f} min)", flush=True)
     result = dict(losses=losses, wall=wall, judged=judged, **summarize(losses))
-    block = render(result, argv, started, seeds)
+    block = render(result, argv, started, seeds, load_start)
     print(block)
     if args.out:
         update_section(args.out, SECTION, BEGIN, END, block)

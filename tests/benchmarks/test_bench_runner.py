@@ -1,6 +1,13 @@
-"""benchmarks/run.py (`make bench`): its registry names real scripts, a section name it does not
-know is a one-line error, and a section's failure is reported as one. (Each benchmark's own
-smoke test in this directory runs it on tiny shapes.)"""
+"""benchmarks/run.py (`make bench`, `make bench-quick`): its registry names real scripts with quick
+arguments they accept, a section name it does not know is a one-line error, a missing script or a
+failing section is reported as one, and the quick mode of every section runs.
+
+Six sections' quick runs are already covered, in process and with checks of their results, by
+their own smoke tests: data_pipeline, train_throughput, train_throughput_t5, longformer_attention
+and longnet_attention (tests/benchmarks/test_*_smoke.py) and reshard
+(tests/checkpoint/test_reshard_benchmark.py). Here their registered quick arguments are only
+parsed; the other sections run their quick mode through run.py, as `make bench-quick` does."""
+import importlib
 import os
 
 import pytest
@@ -8,12 +15,33 @@ import pytest
 from benchmarks import run as bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SMOKE_TESTED = {"data_pipeline", "train_throughput", "train_throughput_t5", "reshard",
+                "longformer_attention", "longnet_attention"}
 
 
 def test_every_section_names_a_script_and_writes_its_block():
     for name, section in bench.SECTIONS.items():
         assert os.path.isfile(os.path.join(ROOT, "benchmarks", section.script)), name
         assert "--out" in section.full and section.minutes > 0, name
+        assert "--out" not in section.quick and section.quick_seconds > 0, name
+
+
+@pytest.mark.parametrize("name", sorted(SMOKE_TESTED))
+def test_quick_arguments_of_smoke_tested_sections_parse(name, tmp_path):
+    section = bench.SECTIONS[name]
+    module = importlib.import_module(f"benchmarks.{section.script[:-3]}")
+    args = [a.format(tmp=tmp_path) for a in section.quick] + ["--out", str(tmp_path / "B.md")]
+    module.parse_args(args)  # an unknown or invalid flag exits
+
+
+def test_quick_mode_of_every_other_section_runs(tmp_path, capsys):
+    others = [n for n in bench.SECTIONS if n not in SMOKE_TESTED]
+    code = bench.main(["--quick", "--section", ",".join(others), "--log-dir", str(tmp_path),
+                       "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    for name in others:
+        assert f"{name}: ok" in out
 
 
 def test_unknown_section_is_a_one_line_error():
@@ -23,12 +51,36 @@ def test_unknown_section_is_a_one_line_error():
     assert "no section nope" in str(err.value) and "longnet_attention" in str(err.value)
 
 
-def test_a_failing_section_is_reported(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(bench.SECTIONS, "fine", bench.Section("report.py", (), 0.01, ()))
-    monkeypatch.setitem(bench.SECTIONS, "broken", bench.Section("no_such_script.py", (), 0.01, ()))
-    assert bench.main(["--section", "fine", "--log-dir", str(tmp_path), "--no-progress"]) == 0
-    assert bench.main(["--quick", "--section", "fine,broken", "--log-dir", str(tmp_path),
+FINE = f"""import datetime, sys
+sys.path.insert(0, {ROOT!r})
+from benchmarks.report import provenance, update_section
+argv = sys.argv[1:]
+block = "\\n".join(provenance(__file__, argv, datetime.datetime.now(datetime.timezone.utc)))
+if "--out" in argv:
+    update_section(argv[argv.index("--out") + 1], "## Fine", "<!-- b -->", "<!-- e -->", block)
+"""
+
+
+def test_failing_or_missing_sections_are_reported(tmp_path, monkeypatch, capsys):
+    (tmp_path / "fine.py").write_text(FINE)
+    (tmp_path / "bare.py").write_text(  # a block without its provenance lines
+        "import sys\nif '--out' in sys.argv:\n"
+        "    open(sys.argv[sys.argv.index('--out') + 1], 'w').write('## Bare\\n\\nfigures\\n')\n")
+    (tmp_path / "broken.py").write_text("raise SystemExit('broken on purpose')\n")
+    for name in ("fine", "bare", "broken"):
+        monkeypatch.setitem(bench.SECTIONS, name, bench.Section(str(tmp_path / f"{name}.py"),
+                                                                (), 0.01, (), 1))
+    logs = str(tmp_path / "logs")
+    assert bench.main(["--section", "bare", "--log-dir", logs, "--no-progress"]) == 0
+    assert bench.main(["--quick", "--section", "fine,bare,broken", "--log-dir", logs,
                        "--no-progress"]) == 1
     out = capsys.readouterr().out
-    assert "fine: ok" in out and "broken: FAILED" in out and "failed: broken" in out
-    assert "no_such_script.py" in (tmp_path / "broken_quick.log").read_text()
+    assert "fine: ok" in out and "bare: FAILED" in out and "broken: FAILED" in out
+    assert "failed: bare, broken" in out and "broken on purpose" in out  # the log's tail
+    assert "no `- Command: `python benchmarks/bare.py` line" in out
+
+    monkeypatch.setitem(bench.SECTIONS, "gone", bench.Section("no_such_script.py", (), 1, (), 1))
+    with pytest.raises(SystemExit) as err:
+        bench.main(["--quick", "--section", "fine,gone", "--log-dir", logs, "--no-progress"])
+    assert "benchmarks/no_such_script.py (section gone)" in str(err.value)
+    assert capsys.readouterr().out == ""  # refused before anything ran
