@@ -40,7 +40,10 @@ def init_distributed() -> bool:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False, verbose=False)
     # One rank per core group: ranks sharing a machine split its cores instead of
-    # oversubscribing them (each would otherwise start a thread per core).
+    # oversubscribing them (each would otherwise start a thread per core). A thread count the
+    # user set (OMP_NUM_THREADS, which torch read at start-up) is theirs to keep.
+    if os.environ.get("OMP_NUM_THREADS"):
+        return True
     local_ranks = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE")
                       or dist.get_world_size())
     cores = len(os.sched_getaffinity(0))

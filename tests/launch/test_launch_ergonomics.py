@@ -29,9 +29,10 @@ def test_ranks_split_the_cores_of_their_machine():
             "print(torch.get_num_threads(), len(os.sched_getaffinity(0)))\n"
             "dist.destroy_process_group()\n")
     port = str(free_port())
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                              env=dict(env, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
                                        LOCAL_SIZE="2", MASTER_ADDR="127.0.0.1",
                                        MASTER_PORT=port))
              for r in range(2)]
@@ -40,6 +41,22 @@ def test_ranks_split_the_cores_of_their_machine():
         assert proc.returncode == 0, err[-3000:]
         threads, cores = map(int, out.split()[-2:])
         assert threads == max(1, cores // 2)
+
+
+def test_a_thread_count_the_user_set_is_kept():
+    """OMP_NUM_THREADS wins over the cores-per-rank split: one rank alone on this machine would
+    take every core, and keeps the one thread it was given."""
+    code = ("import os, torch\n"
+            "from megatron_lite.parallel.launch import init_distributed\n"
+            "assert init_distributed()\n"
+            "print(torch.get_num_threads(), len(os.sched_getaffinity(0)))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "OMP_NUM_THREADS")}
+    for omp, expected in (("1", lambda cores: 1), (None, lambda cores: cores)):
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, text=True, timeout=300,
+                             capture_output=True, check=True,
+                             env=env if omp is None else dict(env, OMP_NUM_THREADS=omp)).stdout
+        threads, cores = map(int, out.split()[-2:])
+        assert threads == expected(cores), (omp, threads, cores)
 
 
 def _run_entry_point(rank, world, argv):
