@@ -69,6 +69,8 @@ class Variant:
     """Our config of this shape; it sizes the HF model and gives the FLOPs count for every row."""
     hf_activation: str = "gelu_new"
     """transformers activation name of the HF model (unused for ours)."""
+    fused_head_loss: bool = True
+    """Ours: the output head and the cross entropy in chunks (GPTModel.fused_head_loss)."""
 
 
 def parse_args(argv):
@@ -123,7 +125,9 @@ def load_shape(shape: str, seq_length: int) -> GPTConfig:
 
 def variants(cfg: GPTConfig, hf_activation: str = "gelu_new") -> list[Variant]:
     dense = dataclasses.replace(cfg, sparse_attention=False)
-    out = [Variant("ours-dense", "megatron_lite GPT", "dense", dense)]
+    out = [Variant("ours-dense", "megatron_lite GPT", "dense", dense),
+           Variant("ours-unfused", "megatron_lite GPT, logits then loss (lever off)", "dense",
+                   dense, fused_head_loss=False)]
     if cfg.sparse_attention:
         out.append(Variant("ours-sparse", "megatron_lite GPT",
                            f"sparse on odd layers (stride {cfg.sparse_stride}, "
@@ -139,6 +143,7 @@ def make_engine(variant: Variant, tcfg: TrainingConfig, ds_path: str, ps: Parall
         module = get_model_spec("gpt").benchmark_peer(variant.cfg, variant.hf_activation)
     else:
         module = GPTModel(variant.cfg, ps, RNGContext(seed, ps.dp_rank, ps.tp_rank))
+        module.fused_head_loss = variant.fused_head_loss
         initialize_parameters(module, seed, ps)
     ds_config = build_deepspeed_config(tcfg, ps.dp_size, ds_path)
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
@@ -342,8 +347,10 @@ def render(rows: list[dict], args, argv: list[str], ds_path: str, tcfg: Training
         "median of per-round ratios of wall-clock step times; in brackets the same ratio of "
         "process CPU times, which time spent descheduled by other jobs does not inflate. *MFU* counts 6·N + 12·L·H·Q·T model FLOPs per token "
         "(`flops_per_token` of megatron_lite/models/gpt.py) for every row; on the sparse row it "
-        "counts the keys the sparse pattern attends, while our masked SDPA still computes the "
-        "full square there, and *MFU, dense count* is what the dense formula would claim. "
+        "counts the keys the sparse pattern attends (its block-sparse kernel computes only those), "
+        "and *MFU, dense count* is what the dense formula would claim. The *lever off* row is "
+        "our dense model with the full logits made first and the cross entropy after them, "
+        "as before the fused head (`GPTModel.fused_head_loss = False`). "
         "*Peak RSS* is the high-water mark of a fresh process that builds the model and its engine "
         "and runs two steps; in brackets its RSS before building (interpreter, torch, deepspeed, "
         "transformers).",

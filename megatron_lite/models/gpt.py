@@ -33,7 +33,8 @@ from megatron_lite.models.blocks import (MaskCache, ParallelMLP, ParallelSelfAtt
                                          split_heads)
 from megatron_lite.models.registry import ConversionError, HFConverter, ModelSpec, register
 from megatron_lite.parallel import (ParallelState, RNGContext, VocabParallelEmbedding,
-                                    parallel_lm_logits, vocab_parallel_cross_entropy)
+                                    parallel_lm_logits, vocab_parallel_cross_entropy,
+                                    vocab_parallel_linear_cross_entropy)
 
 
 @dataclass
@@ -157,6 +158,10 @@ class GPTModel(nn.Module):
     # for a whole run) sends them through masked SDPA over the whole square: the reference the
     # tests compare against, which also draws the attention-dropout masks runs before it drew.
     block_sparse = True
+    # `loss` runs the output head and the cross entropy in chunks of tokens
+    # (`vocab_parallel_linear_cross_entropy`): the full logits never exist. False: logits, then
+    # the cross entropy, as before (the reference, and the summation order recorded runs used).
+    fused_head_loss = True
 
     def __init__(self, cfg: GPTConfig, ps: ParallelState | None = None,
                  rng: RNGContext | None = None):
@@ -185,7 +190,7 @@ class GPTModel(nn.Module):
         return mask, False
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, kv_cache=None,
-                labels=None, loss_mask=None):
+                labels=None, loss_mask=None, hidden_only=False):
         """Logits shard [b, s, padded_vocab / tp] for `input_ids` [b, s].
 
         position_ids: [b, s] (default: past_len + arange(s)). attention_mask: optional bool
@@ -193,6 +198,7 @@ class GPTModel(nn.Module):
         with the causal (and, on sparse layers, the sparse) pattern. kv_cache: a `KVCache` that
         holds earlier positions and receives this call's keys/values. `labels`/`loss_mask` are
         accepted so `model(**batch)` works, and ignored: `loss(batch)` computes the loss.
+        hidden_only: return the final layer norm's output [b, s, h] instead of the logits.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -237,6 +243,8 @@ class GPTModel(nn.Module):
             else:
                 x = layer(x, mask, is_causal, kv_cache, layer_blocks)
         x = self.final_ln(x)
+        if hidden_only:
+            return x
         return parallel_lm_logits(x, self.word_embeddings.weight, self.ps)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,8 +253,13 @@ class GPTModel(nn.Module):
         if missing:
             raise KeyError(f"GPT batch is missing {missing}; a causal-LM batch has input_ids, "
                            "labels, loss_mask, position_ids and optionally attention_mask")
-        logits = self(batch["input_ids"], position_ids=batch.get("position_ids"),
-                      attention_mask=batch.get("attention_mask"))
+        hidden = self(batch["input_ids"], position_ids=batch.get("position_ids"),
+                      attention_mask=batch.get("attention_mask"), hidden_only=True)
+        if self.fused_head_loss:
+            return vocab_parallel_linear_cross_entropy(
+                hidden, self.word_embeddings.weight, batch["labels"], batch["loss_mask"],
+                self.ps, vocab_size=self.cfg.vocab_size)
+        logits = parallel_lm_logits(hidden, self.word_embeddings.weight, self.ps)
         per_token = vocab_parallel_cross_entropy(logits, batch["labels"], self.ps,
                                                  vocab_size=self.cfg.vocab_size)
         mask = batch["loss_mask"].to(per_token.dtype)

@@ -66,9 +66,11 @@ def test_resharded_old_checkpoint_gives_the_old_logits(resharded):
 def _train_with_masked_sparse_layers(rank, world_size, module, argv):
     """The recording's sparse kernel (masked SDPA): the block-sparse one draws its attention
     dropout over other shapes, so the same seed gives other masks (its equality with the masked
-    one is in tests/models/test_gpt_sparse_attention.py)."""
+    one is in tests/models/test_gpt_sparse_attention.py). The loss too is the recording's: logits,
+    then the cross entropy (the fused head: tests/parallel/test_linear_cross_entropy.py)."""
     from megatron_lite.models.gpt import GPTModel
     GPTModel.block_sparse = False
+    GPTModel.fused_head_loss = False
     return run_entry_point(rank, world_size, module, argv)
 
 

@@ -75,9 +75,11 @@ def _check(name, got):
 def _train_with_masked_sparse_layers(rank, world, module, argv):
     """The recording's sparse kernel (masked SDPA): the tiny GPT's odd layers are sparse, and the
     block-sparse kernel draws its attention dropout over other shapes (its equality with the
-    masked one is in tests/models/test_gpt_sparse_attention.py)."""
+    masked one is in tests/models/test_gpt_sparse_attention.py). The loss too is the recording's:
+    logits, then the cross entropy (the fused head: tests/parallel/test_linear_cross_entropy.py)."""
     from megatron_lite.models.gpt import GPTModel
     GPTModel.block_sparse = False
+    GPTModel.fused_head_loss = False
     return _train(rank, world, module, argv)
 
 
