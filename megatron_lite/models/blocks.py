@@ -15,11 +15,13 @@ import torch.nn.functional as F
 
 from megatron_lite.parallel import (ColumnParallelLinear, ParallelState, RNGContext,
                                     RowParallelLinear, mark_replicated, set_init)
+from megatron_lite.parallel.kernels import layer_norm_class
 
 
 def layer_norm(hidden_size: int, eps: float) -> nn.LayerNorm:
-    """A LayerNorm replicated on every TP rank, initialised to the identity (ones, zeros)."""
-    norm = nn.LayerNorm(hidden_size, eps=eps)
+    """A LayerNorm replicated on every TP rank, initialised to the identity (ones, zeros);
+    apex's FusedLayerNorm when the run chose apex's kernels (megatron_lite/parallel/kernels.py)."""
+    norm = layer_norm_class()(hidden_size, eps=eps)
     set_init(norm.weight, "ones")
     set_init(norm.bias, "zeros")
     mark_replicated(norm.weight)

@@ -43,19 +43,41 @@ def _plain_path(ds_config: dict) -> bool:
     return int(zero.get("stage", 0)) == 0
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict, ps):
+def _skippable(optimizer_class: type) -> type:
+    """`optimizer_class` whose next step can be skipped, as `SkippableAdamW` is torch's AdamW."""
+    def step(self, closure=None):
+        return None if self.overflow else optimizer_class.step(self, closure)
+    return type(f"Skippable{optimizer_class.__name__}", (optimizer_class,),
+                {"overflow": False, "step": step})
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict, ps, fused_kernels: str = "torch"):
     """(engine, skippable optimizer or None): `deepspeed.initialize` with our mpu. On the plain
-    path the injected AdamW becomes a `SkippableAdamW` with the same settings."""
+    path the injected AdamW becomes a `SkippableAdamW` with the same settings. With
+    `fused_kernels="apex"` the optimizer is apex's FusedAdam in AdamW mode (skippable on the plain
+    path), except under ZeRO-Offload, where DeepSpeed's CPU Adam updates the offloaded states."""
     import deepspeed
     ds_config = copy.deepcopy(ds_config)
     client_optimizer, skippable = None, []
-    if _plain_path(ds_config):
+    plain = _plain_path(ds_config)
+    # build_deepspeed_config asks for torch's AdamW unless the optimizer is offloaded.
+    optimizer_params = ds_config.get("optimizer", {}).get("params", {})
+    offloaded = bool(optimizer_params) and "torch_adam" not in optimizer_params
+    if plain or (fused_kernels == "apex" and not offloaded):
         params = dict(ds_config.pop("optimizer")["params"])
         params.pop("torch_adam", None)  # DeepSpeed's switch for torch's AdamW: this is one
 
         def client_optimizer(model_parameters):
-            skippable.append(SkippableAdamW(model_parameters, **params, foreach=None))
-            return skippable[-1]
+            if fused_kernels == "apex":
+                from megatron_lite.parallel.kernels import fused_adam_class
+                cls = _skippable(fused_adam_class()) if plain else fused_adam_class()
+                params["betas"] = tuple(params["betas"])
+                optimizer = cls(model_parameters, **params, adam_w_mode=True)
+            else:
+                optimizer = SkippableAdamW(model_parameters, **params, foreach=None)
+            if plain:
+                skippable.append(optimizer)
+            return optimizer
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=ds_config, mpu=ps, optimizer=client_optimizer)
     return engine, (skippable[0] if skippable else None)

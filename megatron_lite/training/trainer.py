@@ -43,6 +43,7 @@ from megatron_lite.data.tokenizer import load_tokenizer
 from megatron_lite.errors import ConfigError
 from megatron_lite.models.registry import ModelSpec, get_model_spec, import_model_modules
 from megatron_lite.parallel import ParallelState, RNGContext, initialize_parameters
+from megatron_lite.parallel.kernels import resolve_fused_kernels, use_fused_kernels
 from megatron_lite.parallel.launch import destroy_distributed, init_distributed
 from megatron_lite.training.config import (RunConfig, build_deepspeed_config, check_batch_sizes,
                                            parse_config, parse_model_choice)
@@ -115,6 +116,14 @@ class Trainer:
         self.cfg = self._model_config()
 
         self.rng = RNGContext(tcfg.seed, dp_rank=self.ps.dp_rank, tp_rank=self.ps.tp_rank)
+        self.notes: list[str] = []  # said once the log is open
+        # Before the model is built: its layer norms are of the chosen kind.
+        self.fused_kernels, why_not_apex = resolve_fused_kernels(tcfg.fused_kernels)
+        use_fused_kernels(self.fused_kernels)
+        if self.fused_kernels == "apex":
+            self.notes.append("fused kernels: apex's FusedLayerNorm and FusedAdam")
+        elif torch.cuda.is_available():  # on a CPU machine there is no choice to report
+            self.notes.append(f"fused kernels: torch's ({why_not_apex})")
         model = spec.build(self.cfg, self.ps, self.rng)
         initialize_parameters(model, tcfg.seed, self.ps)
         model.checkpoint_activations = tcfg.checkpoint_activations
@@ -123,12 +132,11 @@ class Trainer:
         model.universal_checkpoint_info = layout_universal_checkpoint_info(self.layout,
                                                                            self.ps.tp_size)
         ds_config = build_deepspeed_config(tcfg, self.ps.dp_size, run.deepspeed_config)
-        self.notes: list[str] = []  # said once the log is open
         self.load_tag = self._select_checkpoint() if tcfg.load else None
         if tcfg.load:  # a checkpoint change_mp.py resharded may need DeepSpeed's universal load
             ds_config = resume_engine_config(tcfg.load, ds_config, self.ps.tp_size,
                                              finetune=tcfg.finetune, tag=self.load_tag)
-        self.engine, self.skippable = build_engine(model, ds_config, self.ps)
+        self.engine, self.skippable = build_engine(model, ds_config, self.ps, self.fused_kernels)
 
         self.step, self.consumed, self.skipped_total = 0, 0, 0
         self.stream_states: dict[int, object] = {}  # micro-batch slot -> the model's state
