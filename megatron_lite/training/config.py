@@ -120,12 +120,12 @@ class TrainingConfig:
     """Hide the tqdm progress bar."""
     cpu_optimizer: bool = False
     """Require DeepSpeed's CPU Adam; it needs ZeRO-Offload (zero_optimization.offload_optimizer)."""
-    fused_kernels: Literal["auto", "apex", "torch"] = "auto"
-    """Layer norm and Adam kernels: apex's fused ones on CUDA when apex imports (auto), apex or
-    an error (apex), or torch's (torch). See megatron_lite/parallel/kernels.py."""
     reset_stream_state: bool = False
     """On resume, start every stream's model state (Transformer-XL's memory) afresh instead of
     loading the checkpoint's (needed to resume at another parallel layout)."""
+    fused_kernels: Literal["auto", "apex", "torch"] = "auto"
+    """Layer norm and Adam kernels: apex's fused ones on CUDA when apex imports (auto), apex or
+    an error (apex), or torch's (torch). See megatron_lite/parallel/kernels.py."""
 
     def __post_init__(self):
         for name in ("micro_batch_size", "global_batch_size", "tensor_model_parallel_size",
