@@ -57,7 +57,8 @@ from megatron_lite.models.registry import ConversionError, HFConverter, ModelSpe
 from megatron_lite.parallel import (ColumnParallelLinear, ParallelState, RNGContext,
                                     RowParallelLinear, VocabParallelEmbedding, mark_replicated,
                                     parallel_lm_logits, set_init, set_partition_tags,
-                                    vocab_parallel_cross_entropy)
+                                    vocab_parallel_cross_entropy,
+                                    vocab_parallel_linear_cross_entropy)
 
 
 @dataclass
@@ -459,6 +460,10 @@ class T5Model(nn.Module):
     [V_pad/tp, h] only when the head is untied.
     """
 
+    # `loss` runs the output head and the cross entropy in chunks of decoder tokens (as
+    # GPTModel.fused_head_loss); False: logits, then the cross entropy (the reference).
+    fused_head_loss = True
+
     def __init__(self, cfg: T5Config, ps: ParallelState | None = None,
                  rng: RNGContext | None = None):
         super().__init__()
@@ -495,16 +500,23 @@ class T5Model(nn.Module):
         return self.encoder(self.shared(encoder_input_ids), keep=keep), keep
 
     def decode(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor,
-               memory_keep: torch.Tensor, cache: EncoderDecoderCache | None = None) -> torch.Tensor:
+               memory_keep: torch.Tensor, cache: EncoderDecoderCache | None = None,
+               hidden_only: bool = False) -> torch.Tensor:
         """Logits shard [b, s, V_pad/tp] of `decoder_input_ids` [b, s] (positions after those in
-        `cache`, which receives this call's keys/values) attending to the encoder output."""
+        `cache`, which receives this call's keys/values) attending to the encoder output.
+        hidden_only: the head's input [b, s, h] instead (`head_weight` makes the logits)."""
         self._check_ids(decoder_input_ids, "decoder_input_ids")
         x = self.decoder(self.shared(decoder_input_ids), memory=memory, memory_keep=memory_keep,
                          cache=cache)
         if self.cfg.tie_word_embeddings:
             # Tied head: rescale so the logits do not grow with d_model (Mesh TF's T5).
-            return parallel_lm_logits(x * self.cfg.hidden_size ** -0.5, self.shared.weight, self.ps)
-        return parallel_lm_logits(x, self.lm_head.weight, self.ps)
+            x = x * self.cfg.hidden_size ** -0.5
+        return x if hidden_only else parallel_lm_logits(x, self.head_weight, self.ps)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The output head's weight shard [V_pad/tp, h]: the shared embedding's when tied."""
+        return self.shared.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
 
     def forward(self, encoder_input_ids, decoder_input_ids, labels=None, loss_mask=None):
         """Logits shard [b, s_dec, V_pad/tp]. `labels`/`loss_mask` are accepted so
@@ -520,7 +532,13 @@ class T5Model(nn.Module):
         if missing:
             raise KeyError(f"T5 batch is missing {missing}; an encoder-decoder batch has "
                            "encoder_input_ids, decoder_input_ids, labels and loss_mask")
-        logits = self(batch["encoder_input_ids"], batch["decoder_input_ids"])
+        memory, keep = self.encode(batch["encoder_input_ids"])
+        hidden = self.decode(batch["decoder_input_ids"], memory, keep, hidden_only=True)
+        if self.fused_head_loss:
+            return vocab_parallel_linear_cross_entropy(
+                hidden, self.head_weight, batch["labels"], batch["loss_mask"], self.ps,
+                vocab_size=self.cfg.vocab_size)
+        logits = parallel_lm_logits(hidden, self.head_weight, self.ps)
         per_token = vocab_parallel_cross_entropy(logits, batch["labels"], self.ps,
                                                  vocab_size=self.cfg.vocab_size)
         mask = batch["loss_mask"].to(per_token.dtype)

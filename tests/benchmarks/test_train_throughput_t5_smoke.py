@@ -18,8 +18,8 @@ def test_smoke_run_reports_both_models(tmp_path, capsys):
     rows = tt.main(["--shapes", "tiny", "--seq-length", "24", "--decoder-seq-length", "8",
                     "--warmup", "1", "--steps", "1", "--threads", "1", "--peak-flops", "1e11",
                     "--out", str(out)])
-    assert [r["key"] for r in rows] == ["ours", "hf"]
-    assert rows[0]["params"] == rows[1]["params"]
+    assert [r["key"] for r in rows] == ["ours", "ours-unfused", "hf"]
+    assert rows[0]["params"] == rows[1]["params"] == rows[2]["params"]
     cfg = tt.load_shape("tiny")
     for r in rows:
         for field in ("step_s", "tokens_per_s", "mfu", "ours_over_theirs"):
@@ -27,7 +27,7 @@ def test_smoke_run_reports_both_models(tmp_path, capsys):
         # tokens/s counts both stacks; MFU is the per-sample FLOPs over the step time and peak.
         assert math.isclose(r["tokens_per_s"], 32 / r["step_s"], rel_tol=1e-9)
         assert math.isclose(r["mfu"], t5_flops(cfg, 24, 8) / r["step_s"] / 1e11, rel_tol=1e-9)
-    assert rows[1]["ours_over_theirs"] == 1.0
+    assert rows[2]["ours_over_theirs"] == 1.0
     text = out.read_text(encoding="utf-8")
     assert "kept" in text and tt.SECTION in text and tt.BEGIN in text and tt.END in text
     assert "| tiny | HF T5ForConditionalGeneration |" in capsys.readouterr().out

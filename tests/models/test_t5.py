@@ -155,6 +155,29 @@ def test_loss_counts_only_masked_tokens():
         model.loss(dict(encoder_input_ids=src, labels=labels, loss_mask=mask))
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_head_loss_gives_the_logits_then_loss_results(tied):
+    """`fused_head_loss` (the head and the cross entropy in chunks) changes no loss or gradient
+    beyond float rounding, with the tied head's d_model^-0.5 rescale and with an untied head."""
+    cfg = make_cfg(tie_word_embeddings=tied, feed_forward_proj="relu" if tied else "gated-gelu")
+    labels = ids(2, 6, 17)
+    labels[0, 4:] = -100
+    batch = dict(encoder_input_ids=ids(2, 10, 15), decoder_input_ids=ids(2, 6, 16),
+                 labels=labels, loss_mask=(labels >= 0).double())
+    results = []
+    for fused in (False, True):
+        model = make_model(cfg, dtype=torch.float64)
+        model.fused_head_loss = fused
+        loss, n = model.loss(batch)
+        loss.backward()
+        results.append((loss.detach(), n, {k: p.grad for k, p in model.named_parameters()}))
+    (ref, ref_n, ref_grads), (loss, n, grads) = results
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=0)
+    assert n == ref_n == 10 and grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_activation_checkpointing_gives_the_same_gradients_with_dropout():
     cfg = make_cfg(hidden_dropout=0.2, attention_dropout=0.2)
     batch = dict(encoder_input_ids=ids(2, 10, 12), decoder_input_ids=ids(2, 6, 13),
