@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import itertools
 import re
 import sys
 import unicodedata
@@ -32,52 +34,66 @@ _FOLD_TABLE = {ord(ch): ord(ch) - 0xFEE0 for ch in _FULLWIDTH_LETTERS_DIGITS}
 _FOLD_TABLE[0x3000] = ord(" ")
 
 
-def _char_class(chars) -> re.Pattern:
-    return re.compile("[" + "".join(re.escape(ch) for ch in chars) + "]+")
+def _char_class(chars, group: bool = False) -> re.Pattern:
+    cls = "[" + "".join(re.escape(ch) for ch in chars) + "]+"
+    return re.compile(f"({cls})" if group else cls)
 
 
-_PROTECT_PUNCT = _char_class(_CJK_PUNCTUATION)
+# Grouped: _nfkc_except splits on them and keeps the runs.
+_PROTECT_PUNCT = _char_class(_CJK_PUNCTUATION, group=True)
 # When folding is off, NFKC must not fold the full-width letters/digits/space either.
-_PROTECT_ALL_FULLWIDTH = _char_class(_CJK_PUNCTUATION + _FULLWIDTH_LETTERS_DIGITS + ["\u3000"])
+_PROTECT_ALL_FULLWIDTH = _char_class(_CJK_PUNCTUATION + _FULLWIDTH_LETTERS_DIGITS + ["\u3000"],
+                                     group=True)
 
 # Tab, newline and carriage return are whitespace, left to the whitespace step. U+FFFD marks bytes
 # a converter already lost upstream; keeping it only teaches the model to emit it.
 _KEEP_CONTROL = {"\t", "\n", "\r"}
 
-_SPACES = re.compile(r"[^\S\n]+")
-_NEWLINE_RUN = re.compile(r" ?\n[\s]*")
-
 
 def _nfkc_except(text: str, protect: re.Pattern) -> str:
     if unicodedata.is_normalized("NFKC", text):
         return text
-    out, pos = [], 0
-    for m in protect.finditer(text):
-        out.append(unicodedata.normalize("NFKC", text[pos:m.start()]))
-        out.append(m.group())
-        pos = m.end()
-    out.append(unicodedata.normalize("NFKC", text[pos:]))
-    return "".join(out)
+    # With a capturing group, split alternates kept text (even indices) and protected runs (odd);
+    # normalising through map keeps the per-segment work in C (a Python loop cost ~2x).
+    parts = protect.split(text)
+    parts[::2] = map(_NFKC, parts[::2])
+    return "".join(parts)
+
+
+_NFKC = functools.partial(unicodedata.normalize, "NFKC")
 
 
 _CONTROL = None
+_DROP_CATEGORIES = frozenset(("Cc", "Cf"))
+
+
+def _control_pattern() -> re.Pattern:
+    global _CONTROL
+    if _CONTROL is None:  # built on first use: it scans every code point (C-level maps, ~0.1 s)
+        every = "".join(map(chr, range(sys.maxunicode + 1)))
+        chars = [ch for ch in itertools.compress(
+            every, map(_DROP_CATEGORIES.__contains__, map(unicodedata.category, every)))
+            if ch not in _KEEP_CONTROL]
+        _CONTROL = _char_class(chars + ["\ufffd"])
+    return _CONTROL
 
 
 def _drop_control(text: str) -> str:
-    global _CONTROL
-    if _CONTROL is None:  # built on first use: scanning every code point takes ~0.15 s
-        chars = [chr(c) for c in range(sys.maxunicode + 1)
-                 if unicodedata.category(chr(c)) in ("Cc", "Cf") and chr(c) not in _KEEP_CONTROL]
-        _CONTROL = _char_class(chars + ["\ufffd"])
-    return _CONTROL.sub("", text)
+    # Fast path: every Cc/Cf character is non-printable, so printable text (newlines aside)
+    # without U+FFFD has nothing to drop; str.isprintable runs at C speed, the regex ~200 ns/char.
+    if "\ufffd" not in text and text.replace("\n", "").isprintable():
+        return text
+    return _control_pattern().sub("", text)
 
 
 def _collapse_whitespace(text: str) -> str:
     # Newlines separate paragraphs inside a document (the blank-line reader joins them with
-    # "\n"), so a run containing one becomes a single "\n"; any other run becomes one space.
-    text = _SPACES.sub(" ", text)
-    text = _NEWLINE_RUN.sub("\n", text)
-    return text.strip()
+    # "\n"), so a whitespace run containing one becomes a single "\n"; any other run becomes one
+    # space; the ends are stripped. str.split() uses the same whitespace as the regex \s, and
+    # is ~10x faster than a regex substitution.
+    if "\n" not in text:
+        return " ".join(text.split())
+    return "\n".join(filter(None, [" ".join(line.split()) for line in text.split("\n")]))
 
 
 _OPENCC = None
@@ -107,7 +123,9 @@ def clean_text(text: str, nfkc: bool = True, fold_fullwidth: bool = True, drop_c
         text = _drop_control(text)
     if nfkc:
         text = _nfkc_except(text, _PROTECT_PUNCT if fold_fullwidth else _PROTECT_ALL_FULLWIDTH)
-    if fold_fullwidth:
+    # After NFKC (which spares only punctuation here) no full-width letter, digit or U+3000 is
+    # left to fold; skipping the translate saves ~90 ns/char.
+    if fold_fullwidth and not nfkc and not text.isascii():
         text = text.translate(_FOLD_TABLE)
     if t2s:
         text = _t2s(text)

@@ -103,6 +103,35 @@ class IndexedDatasetBuilder:
         self._bin.write(tokens.astype(self.dtype).tobytes())
         self.offsets.append(self.offsets[-1] + tokens.size)
 
+    def add_documents(self, tokens: np.ndarray, sizes: np.ndarray,
+                      word_starts: np.ndarray | None = None) -> None:
+        """Append several documents at once: `tokens` back to back, `sizes` tokens each. Same
+        files as `add_document` per document, with one write per file (preprocessing's chunks)."""
+        tokens, sizes = np.asarray(tokens), np.asarray(sizes, dtype=np.int64)
+        if sizes.size == 0:
+            return
+        if tokens.ndim != 1 or (sizes <= 0).any() or int(sizes.sum()) != tokens.size:
+            raise ValueError(f"documents {self.num_docs}.. of {self.prefix}: {tokens.size} tokens "
+                             f"do not split into non-empty documents of sizes {sizes.tolist()}")
+        if tokens.dtype.kind not in "iu":
+            raise ValueError(f"documents {self.num_docs}.. of {self.prefix}: token ids must be "
+                             f"integers, got {tokens.dtype}")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise ValueError(f"documents {self.num_docs}.. of {self.prefix}: token id "
+                             f"{lo if lo < 0 else hi} is outside the vocabulary "
+                             f"(size {self.vocab_size}); was it tokenized with another tokenizer?")
+        if self.with_word_starts:
+            if word_starts is None or np.shape(word_starts) != tokens.shape:
+                raise ValueError(f"documents {self.num_docs}.. of {self.prefix}: this builder "
+                                 f"stores word starts, one flag per token")
+            self._ws.write(np.ascontiguousarray(word_starts, dtype=np.uint8))
+        elif word_starts is not None:
+            raise ValueError(f"{self.prefix}: word starts given, but the builder was created with "
+                             f"with_word_starts=False")
+        self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype))
+        self.offsets.extend((self.offsets[-1] + np.cumsum(sizes)).tolist())
+
     def _add_raw(self, bin_bytes_src, ws_bytes_src, sizes: np.ndarray) -> None:
         """Append a whole dataset's files (merge); `*_src` are open binary files."""
         shutil.copyfileobj(bin_bytes_src, self._bin, 1 << 22)

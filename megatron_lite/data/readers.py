@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import gzip
+import itertools
 import json
 import os
 import zlib
@@ -68,20 +69,54 @@ def is_jsonl(path: str) -> bool:
     return name.endswith(JSON_SUFFIXES)
 
 
-def _raw_lines(path: str) -> Iterator[tuple[int, bytes]]:
+def raw_lines(path: str) -> Iterator[tuple[int, bytes]]:
     """(line number, bytes without the line ending), streamed; gzip errors name the file."""
+    for first, lines in raw_line_blocks(path, 1024):
+        for n, raw in enumerate(lines, start=first):
+            yield n, raw.rstrip(b"\r\n")
+
+
+def raw_line_blocks(path: str, n: int,
+                    strip_bom: bool = True) -> Iterator[tuple[int, list[bytes]]]:
+    """(number of the first line, the next `n` lines *with* their line endings), streamed: a
+    block is read at C speed, so preprocessing's main process stays light and its workers strip
+    and parse the lines. gzip errors name the file. With `strip_bom=False` a block's offset in
+    the file is the sum of the previous blocks' lengths, where `read_line_block` reads it again
+    (uncompressed files)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file; check the --input path")
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
-            for n, raw in enumerate(f, start=1):
-                if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]  # UTF-8 byte order mark, as Windows editors write it
-                yield n, raw.rstrip(b"\r\n")
+            first = 1
+            while True:
+                lines = list(itertools.islice(f, n))
+                if not lines:
+                    return
+                if strip_bom and first == 1 and lines[0].startswith(b"\xef\xbb\xbf"):
+                    lines[0] = lines[0][3:]  # UTF-8 byte order mark, as Windows editors write it
+                yield first, lines
+                first += len(lines)
     except (EOFError, OSError, zlib.error) as e:
         raise DataError(f"{path}: cannot read the gzip stream ({e}); the file is truncated or not "
                         f"gzip: recompress it or drop the .gz suffix") from e
+
+
+def read_line_block(path: str, offset: int, length: int) -> list[bytes]:
+    """The lines (without endings) of `length` bytes at `offset` of an uncompressed file, a block
+    of `raw_line_blocks`: the same bytes `raw_lines` gives, read where they are needed."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise DataError(f"{path}: changed while it was read (expected {length} bytes at offset "
+                        f"{offset}); do not modify the input during preprocessing")
+    if offset == 0 and data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    lines = data.split(b"\n")
+    if data.endswith(b"\n"):
+        lines.pop()  # the split's empty tail, not a line
+    return [line.rstrip(b"\r") for line in lines]
 
 
 def _decode(path: str, n: int, raw: bytes) -> str:
@@ -92,58 +127,62 @@ def _decode(path: str, n: int, raw: bytes) -> str:
                         f"file to UTF-8 (e.g. `iconv -f GBK -t UTF-8`), {SKIP_HINT}") from None
 
 
-def _jsonl_documents(path: str, json_keys: Sequence[str], bad) -> Iterator[Document]:
-    for n, raw in _raw_lines(path):
-        if not raw.strip():
-            continue
-        try:
-            line = _decode(path, n, raw)
-        except DataError as e:
-            bad("invalid UTF-8", e)
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad("malformed JSON", DataError(
-                f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); fix the line, "
+def jsonl_line_documents(path: str, n: int, raw: bytes, json_keys: Sequence[str],
+                         bad) -> list[Document]:
+    """The documents of one jsonl line (`raw` without its line ending); a bad line goes to
+    `bad(reason, DataError)` and gives none. Preprocessing workers parse lines with this."""
+    if not raw.strip():
+        return []
+    try:
+        line = _decode(path, n, raw)
+    except DataError as e:
+        bad("invalid UTF-8", e)
+        return []
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        bad("malformed JSON", DataError(
+            f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); fix the line, "
+            f"{SKIP_HINT}"))
+        return []
+    if not isinstance(obj, dict):
+        bad("malformed JSON", DataError(
+            f"{path}:{n}: expected a JSON object like {{\"{json_keys[0]}\": \"...\"}}, got "
+            f"{type(obj).__name__}; fix the line, {SKIP_HINT}"))
+        return []
+    # A line with a missing or empty key is bad as a whole: dropping only that key would
+    # misalign the parallel per-key streams.
+    docs = []
+    for key in json_keys:
+        if key not in obj:
+            bad("missing key", DataError(
+                f"{path}:{n}: missing key {key!r} (the line has {sorted(obj)}); choose the key "
+                f"with --json-keys, {SKIP_HINT}"))
+            return []
+        value = obj[key]
+        if not isinstance(value, str):
+            bad("non-string value", DataError(
+                f"{path}:{n}: key {key!r} holds {type(value).__name__}, expected a string; fix "
+                f"the line, {SKIP_HINT}"))
+            return []
+        if not value.strip():
+            bad("empty document", DataError(
+                f"{path}:{n}: key {key!r} holds an empty document; remove the line, "
                 f"{SKIP_HINT}"))
-            continue
-        if not isinstance(obj, dict):
-            bad("malformed JSON", DataError(
-                f"{path}:{n}: expected a JSON object like {{\"{json_keys[0]}\": \"...\"}}, got "
-                f"{type(obj).__name__}; fix the line, {SKIP_HINT}"))
-            continue
-        # A line with a missing or empty key is bad as a whole: dropping only that key would
-        # misalign the parallel per-key streams.
-        docs, problem = [], None
-        for key in json_keys:
-            if key not in obj:
-                problem = ("missing key", DataError(
-                    f"{path}:{n}: missing key {key!r} (the line has {sorted(obj)}); choose the key "
-                    f"with --json-keys, {SKIP_HINT}"))
-                break
-            value = obj[key]
-            if not isinstance(value, str):
-                problem = ("non-string value", DataError(
-                    f"{path}:{n}: key {key!r} holds {type(value).__name__}, expected a string; fix "
-                    f"the line, {SKIP_HINT}"))
-                break
-            if not value.strip():
-                problem = ("empty document", DataError(
-                    f"{path}:{n}: key {key!r} holds an empty document; remove the line, "
-                    f"{SKIP_HINT}"))
-                break
-            docs.append(Document(value, path, n, key))
-        if problem:
-            bad(*problem)
-            continue
-        yield from docs
+            return []
+        docs.append(Document(value, path, n, key))
+    return docs
 
 
-def _text_documents(path: str, blank_line_docs: bool, bad) -> Iterator[Document]:
+def _jsonl_documents(path: str, json_keys: Sequence[str], bad) -> Iterator[Document]:
+    for n, raw in raw_lines(path):
+        yield from jsonl_line_documents(path, n, raw, json_keys, bad)
+
+
+def text_documents(path: str, blank_line_docs: bool, bad) -> Iterator[Document]:
     para: list[str] = []
     start = 0
-    for n, raw in _raw_lines(path):
+    for n, raw in raw_lines(path):
         try:
             line = _decode(path, n, raw)
         except DataError as e:
@@ -187,12 +226,17 @@ def read_documents(paths: str | Iterable[str], json_keys: Sequence[str] = ("text
     found = 0
     for path in paths:
         docs = (_jsonl_documents(path, json_keys, bad) if is_jsonl(path)
-                else _text_documents(path, blank_line_docs, bad))
+                else text_documents(path, blank_line_docs, bad))
         for doc in docs:
             found += 1
             yield doc
     if not found:
-        what = f"key(s) {json_keys} of " if any(is_jsonl(p) for p in paths) else ""
-        skipped = f" ({counter.total} bad lines skipped)" if counter.total else ""
-        raise DataError(f"empty corpus: no documents in {what}{', '.join(paths)}{skipped}; check "
-                        f"the input files and --json-keys")
+        raise empty_corpus_error(paths, json_keys, counter)
+
+
+def empty_corpus_error(paths: Sequence[str], json_keys: Sequence[str],
+                       counter: BadLineCounter) -> DataError:
+    what = f"key(s) {list(json_keys)} of " if any(is_jsonl(p) for p in paths) else ""
+    skipped = f" ({counter.total} bad lines skipped)" if counter.total else ""
+    return DataError(f"empty corpus: no documents in {what}{', '.join(paths)}{skipped}; check "
+                     f"the input files and --json-keys")

@@ -50,6 +50,14 @@ class Segmenter:
     def segment(self, text: str) -> list[str]:
         return list(self._cut(text))
 
+    def word_lengths(self, text: str) -> list[int]:
+        """Lengths of `segment(text)`'s words, in characters; they add up to len(text)."""
+        words = self._cut(text)
+        if "".join(words) != text:
+            raise RuntimeError(f"{self.backend} segmentation does not reproduce the text "
+                               f"{text[:40]!r}...; word starts would be misaligned")
+        return list(map(len, words))
+
     def word_start_mask(self, text: str, tokenizer) -> np.ndarray:
         """One flag per token of `tokenizer.encode(text)`: True where a word starts. Needs a
         character-level tokenizer, whose tokens are exactly the characters of the text."""
@@ -57,15 +65,17 @@ class Segmenter:
             raise ValueError(f"word boundaries need a character-level tokenizer (one token per "
                              f"character); {type(tokenizer).__name__} is not: train one with "
                              f"tools/train_tokenizer.py --type char, or drop --word-boundaries")
-        words = self.segment(text)
-        if "".join(words) != text:
-            raise RuntimeError(f"{self.backend} segmentation does not reproduce the text "
-                               f"{text[:40]!r}...; word starts would be misaligned")
-        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-        mask = np.zeros(len(text), dtype=np.bool_)
-        starts = np.cumsum(lengths) - lengths
-        mask[starts[lengths > 0]] = True
-        return mask
+        return starts_mask(self.word_lengths(text), len(text))
+
+
+def starts_mask(lengths, total: int) -> np.ndarray:
+    """Flags over `total` characters, True where one of the consecutive words of `lengths`
+    (empty words allowed) starts. Several documents' words may be given at once."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    mask = np.zeros(total, dtype=np.bool_)
+    starts = np.cumsum(lengths) - lengths
+    mask[starts[lengths > 0]] = True
+    return mask
 
 
 _DEFAULT: dict[tuple, Segmenter] = {}

@@ -38,6 +38,11 @@ def test_smoke_run_reports_every_setting_and_objective(tmp_path, capsys):
         for w in (1, 2):
             assert positive(r["mb_per_s"][w]) and r["mb_per_s_best"][w] >= r["mb_per_s"][w]
             assert positive(r["cores"][w])
+            assert positive(r["chars_per_cpu_s"][w])
+            assert r["chars_per_s_core_best"][w] >= r["chars_per_s_core"][w] > 0
+            # Per core: the characters over the tool's seconds and its workers.
+            assert math.isclose(r["chars_per_s_core"][w] * w / r["mb_per_s"][w],
+                                r["input_chars"] / r["input_mb"], rel_tol=1e-9)
         assert r["input_mb"] == pre[0]["input_mb"] > 0  # every setting read the same input
         # One round: the paired ratio is that round's 2-worker over 1-worker figure.
         assert math.isclose(r["ratio"], r["mb_per_s"][2] / r["mb_per_s"][1], rel_tol=1e-12)
@@ -63,6 +68,7 @@ def test_smoke_run_reports_every_setting_and_objective(tmp_path, capsys):
     assert all(len(v) == 1 for v in by_seq.values()) and set(by_seq) == {128, 512, 1024}
 
     printed = capsys.readouterr().out
+    assert "M chars/s per core, 1 worker" in printed and "Goal (issue 17): " in printed
     assert sum(line.startswith("| char (linglong preset)") for line in printed.splitlines()) == 2
     assert sum(line.startswith(("| causal_lm", "| xl_stream", "| span_corruption",
                                 "| continuation", "| t5_mixed", "| wwm_mlm", "| prompt_text",
@@ -118,3 +124,15 @@ def test_verdict_says_when_workers_did_not_get_their_cores():
     served = [{"cores": {1: 0.99, 2: 1.9}}, {"cores": {1: 0.98, 2: 1.8}}]
     assert "tool's own scaling" in dp.preprocessing_verdict(served, 1, 2)
     assert "Only one worker count" in dp.preprocessing_verdict(served, 1, 1)
+
+
+def test_goal_verdict_names_both_targets():
+    fast = {"word_boundaries": True, "chars_per_s_core": {1: 2.5e6, 2: 2.3e6}, "ratio": 1.85,
+            "cores": {1: 1.0, 2: 1.95}, "input_chars": 18e6}
+    text = dp.goal_verdict([fast], 1, 2)
+    assert "2.50M characters/s per core" in text and "met (goal >= 2M)" in text
+    assert "2w / 1w 1.85 at worst: met (goal >= 1.80)" in text
+    slow = dict(fast, chars_per_s_core={1: 1.5e6, 2: 1.4e6}, ratio=1.2, cores={1: 1.0, 2: 1.1})
+    text = dp.goal_verdict([slow], 1, 2)
+    assert text.count("NOT met") == 2 and "machine's load" in text
+    assert "start-up weighs" in dp.goal_verdict([dict(fast, input_chars=1e5)], 1, 2)
