@@ -190,7 +190,7 @@ class GPTModel(nn.Module):
         return mask, False
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, kv_cache=None,
-                labels=None, loss_mask=None, hidden_only=False):
+                labels=None, loss_mask=None, head_loss=False):
         """Logits shard [b, s, padded_vocab / tp] for `input_ids` [b, s].
 
         position_ids: [b, s] (default: past_len + arange(s)). attention_mask: optional bool
@@ -198,7 +198,9 @@ class GPTModel(nn.Module):
         with the causal (and, on sparse layers, the sparse) pattern. kv_cache: a `KVCache` that
         holds earlier positions and receives this call's keys/values. `labels`/`loss_mask` are
         accepted so `model(**batch)` works, and ignored: `loss(batch)` computes the loss.
-        hidden_only: return the final layer norm's output [b, s, h] instead of the logits.
+        head_loss: return `loss`'s (mean loss, number of loss tokens) of `labels`/`loss_mask`
+        instead of the logits. It is computed here, inside forward, because ZeRO-3 gathers a
+        partitioned weight (the tied head's) only while a forward runs.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -243,9 +245,21 @@ class GPTModel(nn.Module):
             else:
                 x = layer(x, mask, is_causal, kv_cache, layer_blocks)
         x = self.final_ln(x)
-        if hidden_only:
-            return x
+        if head_loss:
+            return self._head_loss(x, labels, loss_mask)
         return parallel_lm_logits(x, self.word_embeddings.weight, self.ps)
+
+    def _head_loss(self, hidden, labels, loss_mask):
+        if self.fused_head_loss:
+            return vocab_parallel_linear_cross_entropy(
+                hidden, self.word_embeddings.weight, labels, loss_mask, self.ps,
+                vocab_size=self.cfg.vocab_size)
+        logits = parallel_lm_logits(hidden, self.word_embeddings.weight, self.ps)
+        per_token = vocab_parallel_cross_entropy(logits, labels, self.ps,
+                                                 vocab_size=self.cfg.vocab_size)
+        mask = loss_mask.to(per_token.dtype)
+        n_tokens = mask.sum()
+        return (per_token * mask).sum() / n_tokens.clamp(min=1), n_tokens
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean cross entropy over `loss_mask`, number of loss tokens) for a causal-LM batch."""
@@ -253,18 +267,9 @@ class GPTModel(nn.Module):
         if missing:
             raise KeyError(f"GPT batch is missing {missing}; a causal-LM batch has input_ids, "
                            "labels, loss_mask, position_ids and optionally attention_mask")
-        hidden = self(batch["input_ids"], position_ids=batch.get("position_ids"),
-                      attention_mask=batch.get("attention_mask"), hidden_only=True)
-        if self.fused_head_loss:
-            return vocab_parallel_linear_cross_entropy(
-                hidden, self.word_embeddings.weight, batch["labels"], batch["loss_mask"],
-                self.ps, vocab_size=self.cfg.vocab_size)
-        logits = parallel_lm_logits(hidden, self.word_embeddings.weight, self.ps)
-        per_token = vocab_parallel_cross_entropy(logits, batch["labels"], self.ps,
-                                                 vocab_size=self.cfg.vocab_size)
-        mask = batch["loss_mask"].to(per_token.dtype)
-        n_tokens = mask.sum()
-        return (per_token * mask).sum() / n_tokens.clamp(min=1), n_tokens
+        return self(batch["input_ids"], position_ids=batch.get("position_ids"),
+                    attention_mask=batch.get("attention_mask"), labels=batch["labels"],
+                    loss_mask=batch["loss_mask"], head_loss=True)
 
 
 def sparse_keys_per_query(seq_len: int, stride: int, summary: int) -> float:

@@ -518,11 +518,26 @@ class T5Model(nn.Module):
         """The output head's weight shard [V_pad/tp, h]: the shared embedding's when tied."""
         return self.shared.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
 
-    def forward(self, encoder_input_ids, decoder_input_ids, labels=None, loss_mask=None):
+    def forward(self, encoder_input_ids, decoder_input_ids, labels=None, loss_mask=None,
+                head_loss=False):
         """Logits shard [b, s_dec, V_pad/tp]. `labels`/`loss_mask` are accepted so
-        `model(**batch)` works, and ignored: `loss(batch)` computes the loss."""
+        `model(**batch)` works, and ignored unless `head_loss`: then the result is `loss`'s
+        (mean loss, number of loss tokens), computed here because ZeRO-3 gathers a partitioned
+        weight (the head's) only while a forward runs."""
         memory, keep = self.encode(encoder_input_ids)
-        return self.decode(decoder_input_ids, memory, keep)
+        if not head_loss:
+            return self.decode(decoder_input_ids, memory, keep)
+        hidden = self.decode(decoder_input_ids, memory, keep, hidden_only=True)
+        if self.fused_head_loss:
+            return vocab_parallel_linear_cross_entropy(
+                hidden, self.head_weight, labels, loss_mask, self.ps,
+                vocab_size=self.cfg.vocab_size)
+        logits = parallel_lm_logits(hidden, self.head_weight, self.ps)
+        per_token = vocab_parallel_cross_entropy(logits, labels, self.ps,
+                                                 vocab_size=self.cfg.vocab_size)
+        mask = loss_mask.to(per_token.dtype)
+        n_tokens = mask.sum()
+        return (per_token * mask).sum() / n_tokens.clamp(min=1), n_tokens
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean cross entropy over `loss_mask`, number of loss tokens) of an encoder-decoder
@@ -532,18 +547,8 @@ class T5Model(nn.Module):
         if missing:
             raise KeyError(f"T5 batch is missing {missing}; an encoder-decoder batch has "
                            "encoder_input_ids, decoder_input_ids, labels and loss_mask")
-        memory, keep = self.encode(batch["encoder_input_ids"])
-        hidden = self.decode(batch["decoder_input_ids"], memory, keep, hidden_only=True)
-        if self.fused_head_loss:
-            return vocab_parallel_linear_cross_entropy(
-                hidden, self.head_weight, batch["labels"], batch["loss_mask"], self.ps,
-                vocab_size=self.cfg.vocab_size)
-        logits = parallel_lm_logits(hidden, self.head_weight, self.ps)
-        per_token = vocab_parallel_cross_entropy(logits, batch["labels"], self.ps,
-                                                 vocab_size=self.cfg.vocab_size)
-        mask = batch["loss_mask"].to(per_token.dtype)
-        n_tokens = mask.sum()
-        return (per_token * mask).sum() / n_tokens.clamp(min=1), n_tokens
+        return self(batch["encoder_input_ids"], batch["decoder_input_ids"], labels=batch["labels"],
+                    loss_mask=batch["loss_mask"], head_loss=True)
 
 
 # ---------------------------------------------------------------------------------------------
