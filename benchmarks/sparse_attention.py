@@ -229,6 +229,10 @@ def goals(op_rows, model_rows) -> list[tuple[str, str, bool]]:
             want = MODEL_GOALS[r["tokens"]]
             out.append((f"model step: dense / sparse >= {want:g} at T={r['tokens']}",
                         f"{r['dense_over_sparse']:.2f}", r["dense_over_sparse"] >= want))
+        if r["tokens"] == max(MODEL_GOALS) and "sparse_peak" in r:
+            out.append((f"model peak RSS: sparse < dense at T={r['tokens']}",
+                        f"{_gib(r['sparse_peak'])} / {_gib(r['dense_peak'])} GiB",
+                        r["sparse_peak"] < r["dense_peak"]))
     return out
 
 
