@@ -80,51 +80,33 @@ class IndexedDatasetBuilder:
         if tokens.ndim != 1 or tokens.size == 0:
             raise ValueError(f"document {self.num_docs} of {self.prefix}: expected a non-empty 1-D "
                              f"token array, got shape {tokens.shape}")
-        if tokens.dtype.kind not in "iu":
-            raise ValueError(f"document {self.num_docs} of {self.prefix}: token ids must be "
-                             f"integers, got {tokens.dtype}")
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= self.vocab_size:
-            raise ValueError(f"document {self.num_docs} of {self.prefix}: token id "
-                             f"{lo if lo < 0 else hi} is outside the vocabulary "
-                             f"(size {self.vocab_size}); was it tokenized with another tokenizer?")
-        if self.with_word_starts:
-            if word_starts is None:
-                raise ValueError(f"document {self.num_docs} of {self.prefix}: this builder stores "
-                                 f"word starts, so every document needs them")
-            word_starts = np.asarray(word_starts)
-            if word_starts.shape != tokens.shape:
-                raise ValueError(f"document {self.num_docs} of {self.prefix}: {word_starts.size} "
-                                 f"word-start flags for {tokens.size} tokens")
-            self._ws.write(word_starts.astype(np.uint8).tobytes())
-        elif word_starts is not None:
-            raise ValueError(f"{self.prefix}: word starts given, but the builder was created with "
-                             f"with_word_starts=False")
-        self._bin.write(tokens.astype(self.dtype).tobytes())
-        self.offsets.append(self.offsets[-1] + tokens.size)
+        self.add_documents(tokens, [tokens.size], word_starts)
 
-    def add_documents(self, tokens: np.ndarray, sizes: np.ndarray,
-                      word_starts: np.ndarray | None = None) -> None:
-        """Append several documents at once: `tokens` back to back, `sizes` tokens each. Same
+    def add_documents(self, tokens: np.ndarray, sizes, word_starts=None) -> None:
+        """Append several documents at once: `tokens` back to back, `sizes` tokens each; the same
         files as `add_document` per document, with one write per file (preprocessing's chunks)."""
         tokens, sizes = np.asarray(tokens), np.asarray(sizes, dtype=np.int64)
         if sizes.size == 0:
             return
+        where = (f"document {self.num_docs}" if sizes.size == 1
+                 else f"documents {self.num_docs}..{self.num_docs + sizes.size - 1}")
+        where += f" of {self.prefix}"
         if tokens.ndim != 1 or (sizes <= 0).any() or int(sizes.sum()) != tokens.size:
-            raise ValueError(f"documents {self.num_docs}.. of {self.prefix}: {tokens.size} tokens "
-                             f"do not split into non-empty documents of sizes {sizes.tolist()}")
+            raise ValueError(f"{where}: {tokens.size} tokens do not split into non-empty "
+                             f"documents of sizes {sizes.tolist()}")
         if tokens.dtype.kind not in "iu":
-            raise ValueError(f"documents {self.num_docs}.. of {self.prefix}: token ids must be "
-                             f"integers, got {tokens.dtype}")
+            raise ValueError(f"{where}: token ids must be integers, got {tokens.dtype}")
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= self.vocab_size:
-            raise ValueError(f"documents {self.num_docs}.. of {self.prefix}: token id "
-                             f"{lo if lo < 0 else hi} is outside the vocabulary "
+            raise ValueError(f"{where}: token id {lo if lo < 0 else hi} is outside the vocabulary "
                              f"(size {self.vocab_size}); was it tokenized with another tokenizer?")
         if self.with_word_starts:
-            if word_starts is None or np.shape(word_starts) != tokens.shape:
-                raise ValueError(f"documents {self.num_docs}.. of {self.prefix}: this builder "
-                                 f"stores word starts, one flag per token")
+            if word_starts is None:
+                raise ValueError(f"{where}: this builder stores word starts, so every document "
+                                 f"needs them")
+            if np.shape(word_starts) != tokens.shape:
+                raise ValueError(f"{where}: {np.size(word_starts)} word-start flags for "
+                                 f"{tokens.size} tokens")
             self._ws.write(np.ascontiguousarray(word_starts, dtype=np.uint8))
         elif word_starts is not None:
             raise ValueError(f"{self.prefix}: word starts given, but the builder was created with "

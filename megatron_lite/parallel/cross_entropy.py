@@ -57,6 +57,21 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.input_dtype), None, None, None
 
 
+def _check_labels(labels: torch.Tensor, per_rank: int, unit: str, ps: ParallelState,
+                  vocab_size: int | None) -> None:
+    """Integer labels below the true vocabulary size, which fits the padded one."""
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be integer token ids, got {labels.dtype}")
+    padded = per_rank * ps.tp_size
+    true_vocab = padded if vocab_size is None else vocab_size
+    if not 0 < true_vocab <= padded:
+        raise ValueError(f"vocab_size={vocab_size} must be in [1, {padded}] (the padded vocabulary: "
+                         f"{per_rank} {unit} x tp_size {ps.tp_size})")
+    if labels.numel() and bool((labels >= true_vocab).any()):
+        raise ValueError(f"a label is >= the vocabulary size {true_vocab} (max label "
+                         f"{int(labels.max())}); labels must be token ids, or negative to be ignored")
+
+
 def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, labels: torch.Tensor, ps: ParallelState,
                                  vocab_size: int | None = None) -> torch.Tensor:
     """Per-token cross entropy (shape of `labels`, no reduction) from this rank's logits shard.
@@ -71,16 +86,7 @@ def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, labels: torch.Tenso
     if labels.shape != logits_shard.shape[:-1]:
         raise ValueError(f"labels of shape {tuple(labels.shape)} do not match logits of shape "
                          f"{tuple(logits_shard.shape)}: expected labels of shape {tuple(logits_shard.shape[:-1])}")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be integer token ids, got {labels.dtype}")
-    padded = logits_shard.size(-1) * ps.tp_size
-    true_vocab = padded if vocab_size is None else vocab_size
-    if not 0 < true_vocab <= padded:
-        raise ValueError(f"vocab_size={vocab_size} must be in [1, {padded}] (the padded vocabulary: "
-                         f"{logits_shard.size(-1)} columns x tp_size {ps.tp_size})")
-    if labels.numel() and bool((labels >= true_vocab).any()):
-        raise ValueError(f"a label is >= the vocabulary size {true_vocab} (max label {int(labels.max())}); "
-                         "labels must be token ids, or negative to be ignored")
+    _check_labels(labels, logits_shard.size(-1), "columns", ps, vocab_size)
     return _VocabParallelCrossEntropy.apply(logits_shard, labels.long(), ps, vocab_size)
 
 
@@ -180,14 +186,7 @@ def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, weight_shard: torc
         raise ValueError(f"labels {tuple(labels.shape)} and loss_mask {tuple(loss_mask.shape)} "
                          f"must both have the shape of hidden {tuple(hidden.shape)} without its "
                          "last dimension")
-    padded = weight_shard.size(0) * ps.tp_size
-    true_vocab = padded if vocab_size is None else vocab_size
-    if not 0 < true_vocab <= padded:
-        raise ValueError(f"vocab_size={vocab_size} must be in [1, {padded}] (the padded vocabulary: "
-                         f"{weight_shard.size(0)} rows x tp_size {ps.tp_size})")
-    if labels.numel() and bool((labels >= true_vocab).any()):
-        raise ValueError(f"a label is >= the vocabulary size {true_vocab} (max label "
-                         f"{int(labels.max())}); labels must be token ids, or negative to be ignored")
+    _check_labels(labels, weight_shard.size(0), "rows", ps, vocab_size)
     compute = torch.promote_types(hidden.dtype, torch.float32)
     mask = loss_mask.to(compute)
     n_tokens = mask.sum()
