@@ -365,7 +365,7 @@ def render(rows: list[dict], args, argv: list[str], ds_path: str, tcfg: Training
         "transformers). *MFU by CPU time* divides the same FLOPs by the step's CPU seconds and "
         "one thread's share of the peak.",
         "",
-        *goal_lines(rows),
+        *goal_lines(rows, args.hf_activation),
     ]
     return "\n".join(lines)
 
@@ -374,18 +374,15 @@ def render(rows: list[dict], args, argv: list[str], ds_path: str, tcfg: Training
 GOAL_RATIO = 1.15
 
 
-def goal_lines(rows: list[dict]) -> list[str]:
+def goal_lines(rows: list[dict], hf_activation: str) -> list[str]:
     """The goal's verdict per shape: our dense GPT against GPT2LMHeadModel (gelu_new)."""
-    out = []
-    for r in rows:
-        if r["key"] != "ours-dense" or "gelu_new" not in next(
-                x["model"] for x in rows if x["shape"] == r["shape"] and x["key"] == "hf"):
-            continue
-        ok = min(r["ours_over_theirs"], r["ours_over_theirs_cpu"]) >= GOAL_RATIO
-        out.append(f"- Goal, {r['shape']}: ours/theirs ≥ {GOAL_RATIO} in wall and CPU time: "
-                   f"{r['ours_over_theirs']:.2f} / {r['ours_over_theirs_cpu']:.2f}, "
-                   f"{'pass' if ok else 'FAIL'}")
-    return out
+    if hf_activation != "gelu_new":  # the goal is stated against GPT-2's own activation
+        return []
+    return [f"- Goal, {r['shape']}: ours/theirs ≥ {GOAL_RATIO} in wall and CPU time: "
+            f"{r['ours_over_theirs']:.2f} / {r['ours_over_theirs_cpu']:.2f}, "
+            + ("pass" if min(r["ours_over_theirs"], r["ours_over_theirs_cpu"]) >= GOAL_RATIO
+               else "FAIL")
+            for r in rows if r["key"] == "ours-dense"]
 
 
 def update_markdown(path: str, block: str) -> None:

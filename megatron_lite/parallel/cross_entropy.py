@@ -13,39 +13,47 @@ from .collectives import copy_to_tp, gather_from_tp_last_dim
 from .state import ParallelState
 
 
+def _local_labels(labels, per_rank: int, ps: ParallelState, vocab_size: int | None):
+    """(columns of this rank's shard that are real vocabulary, not padding; each label's column
+    in the shard, 0 where it is not here; where the label is not here or ignored)."""
+    start = ps.tp_rank * per_rank
+    valid_here = per_rank if vocab_size is None else min(max(vocab_size - start, 0), per_rank)
+    not_here = (labels < start) | (labels >= start + per_rank) | (labels < 0)
+    return valid_here, (labels - start).masked_fill(not_here, 0), not_here
+
+
+def _softmax_over_tp_(logits, local_label, not_here, ps: ParallelState):
+    """(per-token loss, softmax) of logits whose columns are split over the TP ranks, exactly:
+    the global max, then the target logit and the sum of exps, reduced over TP. `logits` (this
+    rank's columns, fp32 or wider) is overwritten by the softmax."""
+    # Subtracting the global max keeps exp() in range; any shift gives the same loss.
+    max_logit = logits.max(dim=-1, keepdim=True).values
+    if ps.tp_size > 1:
+        dist.all_reduce(max_logit, op=dist.ReduceOp.MAX, group=ps.require_tp_group())
+    shifted = logits.sub_(max_logit)
+    target = shifted.gather(-1, local_label.unsqueeze(-1)).squeeze(-1).masked_fill(not_here, 0.0)
+    exp = shifted.exp_()
+    sums = torch.stack([target, exp.sum(dim=-1)])
+    if ps.tp_size > 1:
+        dist.all_reduce(sums, group=ps.require_tp_group())  # one collective for both sums
+    target, sum_exp = sums[0], sums[1]
+    return sum_exp.log() - target, exp.div_(sum_exp.unsqueeze(-1))
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ps, vocab_size):
         ctx.input_dtype = logits.dtype
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        per_rank = logits.size(-1)
-        start = ps.tp_rank * per_rank
-
-        valid_here = per_rank if vocab_size is None else min(max(vocab_size - start, 0), per_rank)
-        if valid_here < per_rank:
+        # A copy in at least fp32: the softmax is computed in place.
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)
+        valid_here, local_label, not_here = _local_labels(labels, logits.size(-1), ps, vocab_size)
+        if valid_here < logits.size(-1):
             # Padding columns take no part in the softmax: exp(-inf) = 0 exactly.
-            logits = logits.clone()
             logits[..., valid_here:] = float("-inf")
-
-        # Subtracting the global max keeps exp() in range; any shift gives the same loss.
-        max_logit = logits.max(dim=-1).values
-        if ps.tp_size > 1:
-            dist.all_reduce(max_logit, op=dist.ReduceOp.MAX, group=ps.require_tp_group())
-        shifted = logits - max_logit.unsqueeze(-1)
-
+        loss, softmax = _softmax_over_tp_(logits, local_label, not_here, ps)
         ignored = labels < 0
-        not_here = (labels < start) | (labels >= start + per_rank) | ignored
-        local_label = (labels - start).masked_fill(not_here, 0)
-        target = shifted.gather(-1, local_label.unsqueeze(-1)).squeeze(-1).masked_fill(not_here, 0.0)
-        exp = shifted.exp()
-        sums = torch.stack([target, exp.sum(dim=-1)])
-        if ps.tp_size > 1:
-            dist.all_reduce(sums, group=ps.require_tp_group())  # one collective for both sums
-        target, sum_exp = sums[0], sums[1]
-
-        loss = (sum_exp.log() - target).masked_fill(ignored, 0.0)
-        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local_label, not_here, ignored)
-        return loss
+        ctx.save_for_backward(softmax, local_label, not_here, ignored)
+        return loss.masked_fill(ignored, 0.0)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -116,10 +124,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, weights, ps, vocab_size, chunk_rows, with_grad):
         compute = torch.promote_types(hidden.dtype, torch.float32)
         per_rank = weight.size(0)
-        start = ps.tp_rank * per_rank
-        valid_here = per_rank if vocab_size is None else min(max(vocab_size - start, 0), per_rank)
-        not_here = (labels < start) | (labels >= start + per_rank) | (labels < 0)
-        local_label = (labels - start).masked_fill(not_here, 0)
+        valid_here, local_label, not_here = _local_labels(labels, per_rank, ps, vocab_size)
         loss = hidden.new_zeros((), dtype=compute)
         grad_hidden = torch.empty_like(hidden) if with_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=compute, device=weight.device) if with_grad else None
@@ -135,18 +140,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits = torch.log_softmax(logits, dim=-1)
                 loss -= (logits.gather(-1, label).squeeze(-1) * w).sum()
                 probs = logits.exp_()
-            else:
-                # The softmax spans every rank's columns: the max, then the target logit and the
-                # sum of exps, reduced over TP.
-                max_logit = logits.max(dim=-1, keepdim=True).values
-                dist.all_reduce(max_logit, op=dist.ReduceOp.MAX, group=ps.require_tp_group())
-                probs = logits.sub_(max_logit)
-                target = probs.gather(-1, label).squeeze(-1).masked_fill(away, 0.0)
-                probs = probs.exp_()
-                sums = torch.stack([target, probs.sum(dim=-1)])
-                dist.all_reduce(sums, group=ps.require_tp_group())
-                loss += ((sums[1].log() - sums[0]) * w).sum()
-                probs.div_(sums[1].unsqueeze(-1))
+            else:  # the softmax spans every rank's columns
+                per_token, probs = _softmax_over_tp_(logits, local_label[rows], away, ps)
+                loss += (per_token * w).sum()
             if not with_grad:
                 continue
             # d(loss)/d(logits) = w * (softmax - onehot); onehot only where the label is here.

@@ -43,7 +43,7 @@ def resolve_fused_kernels(choice: str) -> tuple[str, str | None]:
         raise ConfigError(f"training.fused_kernels / --fused-kernels must be one of "
                           f"{', '.join(CHOICES)}, got {choice!r}")
     if choice == "torch":
-        return "torch", "fused_kernels: torch"
+        return "torch", "training.fused_kernels is torch"
     reason = apex_unavailable_reason()
     if reason is None:
         return "apex", None
