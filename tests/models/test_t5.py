@@ -178,6 +178,49 @@ def test_fused_head_loss_gives_the_logits_then_loss_results(tied):
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("decoder,q_len,k_len,past", [(False, 37, 37, 0), (True, 20, 20, 0),
+                                                      (True, 1, 9, 8), (True, 3, 12, 9)])
+def test_position_bias_equals_the_per_pair_lookup(decoder, q_len, k_len, past):
+    """The Toeplitz layout of the per-distance bias gives the reference's per-(query, key) table
+    lookup exactly, and the same gradient up to float summation order."""
+    from megatron_lite.models.t5 import relative_position_bucket
+    stack = make_model(make_cfg(), dtype=torch.float64).train()
+    stack = stack.decoder if decoder else stack.encoder
+    cfg = stack.cfg
+    query = torch.arange(past, past + q_len)[:, None]
+    buckets = relative_position_bucket(torch.arange(k_len)[None, :] - query, not decoder,
+                                       cfg.relative_attention_num_buckets,
+                                       cfg.relative_attention_max_distance)
+    table = stack.relative_attention_bias
+    reference = torch.nn.functional.embedding(buckets, table).permute(2, 0, 1).unsqueeze(0)
+    bias = stack.position_bias(q_len, k_len, past, table.device)
+    assert bias.shape == (1, cfg.num_attention_heads, q_len, k_len)
+    assert torch.equal(bias, reference)
+    upstream = torch.randn(bias.shape, dtype=bias.dtype)
+    got, = torch.autograd.grad(bias, table, upstream)
+    want, = torch.autograd.grad(reference, table, upstream)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_one_embedding_lookup_for_both_stacks_gives_the_two_lookup_results():
+    """`loss` embeds encoder and decoder ids in one lookup; `encode` and `decode` (the reference)
+    embed them one at a time: the same loss and gradients up to float summation order."""
+    batch = dict(encoder_input_ids=ids(2, 10, 21), decoder_input_ids=ids(2, 6, 22),
+                 labels=ids(2, 6, 23), loss_mask=torch.ones(2, 6, dtype=torch.float64))
+    model = make_model(make_cfg(), dtype=torch.float64)
+    model.fused_head_loss = False
+    loss, _ = model.loss(batch)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    memory, keep = model.encode(batch["encoder_input_ids"])
+    logits = model.decode(batch["decoder_input_ids"], memory, keep)
+    reference = torch.nn.functional.cross_entropy(logits[..., :VOCAB].flatten(0, 1),
+                                                  batch["labels"].flatten())
+    want = torch.autograd.grad(reference, list(model.parameters()))
+    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=0)
+    for (name, _), g, w in zip(model.named_parameters(), grads, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13, msg=name)
+
+
 def test_activation_checkpointing_gives_the_same_gradients_with_dropout():
     cfg = make_cfg(hidden_dropout=0.2, attention_dropout=0.2)
     batch = dict(encoder_input_ids=ids(2, 10, 12), decoder_input_ids=ids(2, 6, 13),

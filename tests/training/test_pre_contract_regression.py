@@ -1,6 +1,7 @@
 """GPT and T5 train exactly as they did before the model contract (issue 9) moved them onto
 `ModelSpec`: the per-step and validation losses of fixed-seed tiny runs, recorded with the code
-before that change (tests/fixtures/pre_contract_losses.json), are matched bit for bit.
+before that change (tests/fixtures/pre_contract_losses.json), are matched bit for bit (T5's
+validation losses to a relative 1e-6: see its test).
 
 Record again (only when a change is meant to alter the numbers) with
     MEGATRON_LITE_RECORD_FIXTURES=1 .venv/bin/python -m pytest \
@@ -48,7 +49,7 @@ def _train(rank, world, module, argv):
     return {"loss": out["loss"], "valid_loss": [list(v) for v in out["valid_loss"]]}
 
 
-def _check(name, got):
+def _check(name, got, valid_rtol=0.0):
     capability = torch.backends.cpu.get_cpu_capability()
     if RECORD:
         recorded = json.load(open(FIXTURE)) if os.path.exists(FIXTURE) else {}
@@ -62,7 +63,11 @@ def _check(name, got):
     assert len(got["loss"]) == len(want["loss"]) == 6
     if capability == want["cpu_capability"]:
         assert got["loss"] == want["loss"]  # bit for bit
-        assert got["valid_loss"] == want["valid_loss"]
+        if valid_rtol:
+            torch.testing.assert_close(torch.tensor(got["valid_loss"]),
+                                       torch.tensor(want["valid_loss"]), rtol=valid_rtol, atol=0)
+        else:
+            assert got["valid_loss"] == want["valid_loss"]
     else:
         print(f"CPU capability {capability} differs from the recording machine's "
               f"({want['cpu_capability']}): comparing with rtol 1e-5")
@@ -97,5 +102,8 @@ def _train_t5_with_unfused_loss(rank, world, module, argv):
 
 
 def test_t5_losses_match_the_pre_contract_run(t5_data, tmp_path):
+    # Since issue 17 one embedding lookup serves both stacks and the position bias's gradient is
+    # summed along diagonals: float additions in another order, which shows in the last bits of
+    # the validation loss after the sixth update (7e-8 relative); the training losses still match.
     _check("t5", run_distributed(_train_t5_with_unfused_loss, 1, "pretrain_t5",
-                                 _t5_argv(t5_data, tmp_path))[0])
+                                 _t5_argv(t5_data, tmp_path))[0], valid_rtol=1e-6)
