@@ -5,14 +5,15 @@
     python benchmarks/run.py --quick                         # each on tiny shapes (make bench-quick)
     python benchmarks/run.py --list                          # the sections and their durations
 
-Each section is one script of this directory, run as a child process with the arguments its
-BENCHMARKS.md block names as its command; its output goes to a log file (printed), and a bar shows
-the elapsed time against the section's expected duration. The durations are estimates, from the
-wall times of the recorded runs on the 2-core VM these figures come from; a busy machine takes
-longer. `--quick` runs each script's quick variant (tiny shapes, a few training steps, its
-generated block written into a scratch copy of BENCHMARKS.md, never the real one): it checks that
-every benchmark still runs end to end and renders its block with the provenance lines of
-benchmarks/report.py, and fails naming the sections that did not, with the end of their logs.
+Each section is one script of this directory (train_throughput.py serves one section per
+`--model`), run as a child process with the arguments its BENCHMARKS.md block names as its
+command; its output goes to a log file (printed), and a bar shows the elapsed time against the
+section's expected duration. The durations are estimates, from the wall times of the recorded runs
+on the 2-core VM these figures come from; a busy machine takes longer. `--quick` runs each
+script's quick variant (tiny shapes, a few training steps, its generated block written into a
+scratch copy of BENCHMARKS.md, never the real one): it checks that every benchmark still runs end
+to end and renders its block with the provenance lines of benchmarks/report.py, and fails naming
+the sections that did not, with the end of their logs.
 Quick runs go one per core at a time (`--jobs`), each section's processes pinned to its core, so
 that their threads never contend; full runs go one at a time on the whole machine.
 """
@@ -50,6 +51,9 @@ class Section:
 
 OUT = ("--out", "BENCHMARKS.md")
 QUICK_WORK = ("--quick", "--work-dir", "{tmp}")
+# train_throughput.py --model NAME at a toy size: one step, one thread, no memory probes.
+QUICK_THROUGHPUT = ("--shapes", "tiny", "--seq-length", "64", "--warmup", "0", "--steps", "1",
+                    "--threads", "1", "--peak-flops", "1e11", "--no-memory")
 SECTIONS = {
     "data_pipeline": Section(
         "data_pipeline.py", OUT, 11,
@@ -57,17 +61,32 @@ SECTIONS = {
          "--rounds", "1", "--min-time", "0.01", "--micro-batch-size", "2", "--work-dir", "{tmp}"),
         8),
     "train_throughput": Section(
-        "train_throughput.py", ("--shapes", "tiny", "linglong-106m", "--seq-length", "1024",
-                                "--micro-batch-size", "1", "--warmup", "1", "--steps", "5", *OUT),
-        12, ("--shapes", "tiny", "--seq-length", "64", "--warmup", "0", "--steps", "1",
-             "--threads", "1", "--peak-flops", "1e11", "--no-memory"), 8),
+        "train_throughput.py", ("--model", "gpt", "--shapes", "tiny", "linglong-106m",
+                                "--seq-length", "1024", "--micro-batch-size", "1", "--warmup", "1",
+                                "--steps", "5", *OUT),
+        12, ("--model", "gpt", *QUICK_THROUGHPUT), 8),
     "reshard": Section("reshard.py", OUT, 2,
                        ("--config", "configs/gpt/tiny.yaml", "--vocab-size", "300",
                         "--targets", "1", "--work-dir", "{tmp}"), 8),
     "train_throughput_t5": Section(
-        "train_throughput_t5.py", ("--steps", "7", "--threads", "1", *OUT), 12,
-        ("--shapes", "tiny", "--seq-length", "64", "--decoder-seq-length", "16", "--warmup", "0",
-         "--steps", "1", "--threads", "1", "--peak-flops", "1e11"), 9),
+        "train_throughput.py", ("--model", "t5", "--steps", "7", "--threads", "1", *OUT), 12,
+        ("--model", "t5", "--decoder-seq-length", "16", *QUICK_THROUGHPUT), 9),
+    # The largest shapes a full run does within 10 min on 2 cores (estimates from the FLOPs
+    # counts: 0.8 and 1.5 TFLOP a step): Longformer_ZH at 1024 of its 4096 tokens, LongNet-base
+    # at 2048 of its 32K. Transformer-XL's only other shape (2.9B) needs more memory than the
+    # machine has: tiny at 512 tokens with its memory of 128.
+    "train_throughput_longformer": Section(
+        "train_throughput.py", ("--model", "longformer", "--shapes", "tiny", "longformer-zh-base",
+                                "--seq-length", "1024", "--steps", "5", *OUT), 7,
+        ("--model", "longformer", *QUICK_THROUGHPUT), 8),
+    "train_throughput_transformer_xl": Section(
+        "train_throughput.py", ("--model", "transformer_xl", "--shapes", "tiny", "--seq-length",
+                                "512", "--steps", "5", *OUT), 1,
+        ("--model", "transformer_xl", *QUICK_THROUGHPUT), 8),
+    "train_throughput_longnet": Section(
+        "train_throughput.py", ("--model", "longnet", "--shapes", "tiny", "longnet-base",
+                                "--seq-length", "2048", "--steps", "5", *OUT), 6,
+        ("--model", "longnet", *QUICK_THROUGHPUT), 8),
     "t5_learning": Section("t5_learning.py", OUT, 6, QUICK_WORK, 9),
     "longformer_attention": Section("longformer_attention.py", OUT, 10,
                                     ("--quick", "--threads", "1"), 6),
@@ -119,7 +138,10 @@ def _run(cmd: list[str], log) -> tuple[int, float]:
 
 def _check_block(name: str, out: str) -> str | None:
     """What is wrong with the block a quick run wrote into `out`, or None."""
-    command = f"- Command: `python benchmarks/{os.path.basename(SECTIONS[name].script)}"
+    section = SECTIONS[name]
+    command = f"- Command: `python benchmarks/{os.path.basename(section.script)}"
+    if section.quick[:1] == ("--model",):  # one script, many sections: the block names its model
+        command += f" --model {section.quick[1]}"
     try:
         with open(out, encoding="utf-8") as f:
             text = f.read()
@@ -217,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
           + f"{len(names)} section(s); expected time on a quiet 2-core machine (estimates from "
           "recorded runs; a busy machine takes longer):")
     for n in names:
-        print(f"  {n:<26} {_clock(expected(n)):>8}")
-    print(f"  {'total':<26} {_clock(total):>8}"
+        print(f"  {n:<33} {_clock(expected(n)):>8}")
+    print(f"  {'total':<33} {_clock(total):>8}"
           + (f" ({jobs} sections at a time)" if jobs > 1 else ""), flush=True)
     if args.list:
         return 0

@@ -1266,6 +1266,41 @@ def save_bert_tokenizer(tokenizer, out_dir: str) -> None:
                    "model_max_length": 1_000_000}, f, indent=2)
 
 
+class LongformerPeer(nn.Module):
+    """transformers' LongformerForMaskedLM in a LongformerConfig's shape (the converter's config
+    mapping, the padded vocabulary so its head does the same matmul), taking our MLM batches: the
+    reference the throughput benchmark times ours against.
+
+    Positions are passed explicitly (0-based, as ours), so its table needs no padding_idx + 1
+    offset rows and both models hold the same parameters. transformers pads the input to a
+    multiple of the largest window and runs its own sliding-chunk attention (no SDPA path)."""
+
+    # The BERT-Chinese ids the converter writes into config.json: [PAD] 0, [CLS] 101, [SEP] 102.
+    _TOKENS = dataclasses.make_dataclass("_Tokens", [("pad_id", int, 0), ("cls_id", int, 101),
+                                                     ("sep_id", int, 102)])
+
+    def __init__(self, cfg: LongformerConfig):
+        super().__init__()
+        from transformers import LongformerConfig as HFConfig, LongformerForMaskedLM
+        hf = longformer_config_to_hf(cfg, self._TOKENS())
+        hf.update(vocab_size=cfg.padded_vocab_size,
+                  max_position_embeddings=cfg.max_position_embeddings)
+        for key in ("architectures", "model_type"):
+            hf.pop(key)
+        self.model = LongformerForMaskedLM(HFConfig(**hf))
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = batch["input_ids"]
+        positions = batch.get("position_ids")
+        if positions is None:
+            positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        out = self.model(input_ids=ids, attention_mask=batch.get("attention_mask"),
+                         global_attention_mask=batch.get("global_attention_mask"),
+                         token_type_ids=batch.get("token_type_ids"), position_ids=positions,
+                         labels=batch["labels"])
+        return out.loss, (batch["labels"] != IGNORE_INDEX).sum()
+
+
 LONGFORMER_HF = HFConverter(
     model_types=("longformer", "bert"), config_from_hf=longformer_config_from_hf,
     state_from_hf=hf_state_to_ours, config_to_hf=longformer_config_to_hf,
@@ -1279,7 +1314,8 @@ register(ModelSpec(
     name="longformer", config_cls=LongformerConfig, build=build_longformer,
     build_data=longformer_datasets, objective="wwm_mlm", data_config_cls=LongformerDataConfig,
     batch_keys=("input_ids", "labels", "attention_mask", "global_attention_mask"),
-    flops_per_sample=flops_per_sample, generation="none", hf=LONGFORMER_HF))
+    flops_per_sample=flops_per_sample, generation="none", hf=LONGFORMER_HF,
+    benchmark_peer=LongformerPeer))
 
 # Fine-tuned from a pretrained "longformer" checkpoint: its MLM head is dropped, the
 # classification head starts fresh, and validation reports accuracy.

@@ -131,3 +131,31 @@ def test_flops_count_the_band_not_the_square():
     more = 2 * ((10 + 4 * 59) - (1 + 62))
     assert flops_per_sample(cfg, data) - flops_per_sample(make_cfg(attention_window=[2]), data) \
         == pytest.approx(2 * 12 * 32 * more)
+
+
+def test_benchmark_peer_is_the_same_model():
+    # The throughput benchmark times transformers' LongformerForMaskedLM against ours: with our
+    # weights (the converter's export, positions without HF's offset rows) it computes our loss.
+    from megatron_lite.models.longformer import LongformerPeer, longformer_state_to_hf
+    cfg = LongformerConfig(vocab_size=256, num_layers=2, hidden_size=32, num_attention_heads=4,
+                           ffn_hidden_size=64, max_position_embeddings=64,
+                           attention_window=[8, 16], hidden_dropout=0.0, attention_dropout=0.0)
+    ours = LongformerModel(cfg, ParallelState.single(), RNGContext(0))
+    initialize_parameters(ours, 0, ParallelState.single())
+    peer = get_model_spec("longformer").benchmark_peer(cfg)
+    assert isinstance(peer, LongformerPeer)
+    sd = ours.state_dict()
+    hf = longformer_state_to_hf(sd, cfg, LongformerPeer._TOKENS())
+    hf["longformer.embeddings.position_embeddings.weight"] = sd["position_embeddings.weight"]
+    result = peer.model.load_state_dict(hf, strict=False)
+    assert not result.missing_keys and not result.unexpected_keys, result
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 256, (2, 40), generator=g)  # padded to 48 inside transformers
+    labels = torch.where(torch.rand(2, 40, generator=g) < 0.3, ids, IGNORE_INDEX)
+    glob = torch.zeros(2, 40, dtype=torch.long)
+    glob[:, 0] = 1
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
+             "global_attention_mask": glob, "token_type_ids": torch.zeros_like(ids)}
+    (ours_loss, ours_n), (peer_loss, peer_n) = ours.loss(batch), peer.loss(batch)
+    assert int(ours_n) == int(peer_n) > 0
+    torch.testing.assert_close(peer_loss, ours_loss, atol=1e-5, rtol=0)
