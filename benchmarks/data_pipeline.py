@@ -1,7 +1,7 @@
 """Data pipeline throughput: preprocessing characters/s per core, and examples/s of every
 objective beside what the tiny GPT trainer consumes.
 
-    python benchmarks/data_pipeline.py                          # full sample corpus, ~3 minutes
+    python benchmarks/data_pipeline.py                          # full sample corpus, ~9 minutes
     python benchmarks/data_pipeline.py --out BENCHMARKS.md      # also write the figures there
     python benchmarks/data_pipeline.py --corpus-docs 300 --repeats 1 --rounds 1   # a quick look
 
@@ -11,14 +11,17 @@ Everything is built from scratch in a temporary directory (or --work-dir): the s
 model trained on valid.jsonl (the test suite's recipe: seconds instead of half a minute).
 
 Preprocessing: tools/preprocess_data.py's main() runs on train.jsonl repeated --corpus-copies
-times (one copy is 5 MB, 1.8M characters, about half a second of work: the ~0.3 s start-up,
-mostly loading jieba's dictionary, and noise would dominate), with --workers 1 and 2 for each
-tokenizer setting, in rounds (every setting once per round) so a slow spell on a shared machine
-hits all of them. Characters/s per core = characters of document text (as read, before cleaning)
-/ (the tool's wall seconds x workers); the tool's time runs from loading the tokenizer and jieba's
-dictionary (once, before the workers fork) to the renamed output. Characters per CPU-second
-(the process and its workers) is the same work measured against the CPU time it took, which
-other people's jobs on a shared machine disturb less. Cores busy (CPU seconds over wall
+times, 30 by default: 160 MB, 53M characters, about 5 s of work per 1-worker run without word
+boundaries and 16 s with them. One copy (1.8M characters, half a second of work) would measure
+mostly fixed costs that real corpora (gigabytes) amortize: loading the tokenizer and jieba's
+dictionary (0.1-0.3 s), starting and stopping the workers, the last task's tail, renaming the
+output; at 10 copies they were still ~0.1 s of a 1-second 2-worker run. With --workers 1 and 2
+for each tokenizer setting, in rounds (every setting once per round) so a slow spell on a shared
+machine hits all of them. Characters/s per core = characters of document text (as read, before
+cleaning) / (the tool's wall seconds x workers); the tool's time runs from loading the tokenizer
+and jieba's dictionary (once, before the workers fork) to the renamed output. Characters per
+CPU-second (the process and its workers) is the same work measured against the CPU time it took,
+which other people's jobs on a shared machine disturb less. Cores busy (CPU seconds over wall
 seconds) tells whether the second worker found a free core. The goal of issue 17: >= 2M
 characters/s per core with word boundaries, and 2 workers within 10% of linear (2w / 1w >= 1.8).
 The objectives read datasets of one copy, built untimed.
@@ -72,9 +75,10 @@ def parse_args(argv):
     p.add_argument("--corpus-docs", type=int, default=0,
                    help="use only the first N documents of train.jsonl and N lines of "
                         "finetune.jsonl (0: all)")
-    p.add_argument("--corpus-copies", type=int, default=10,
+    p.add_argument("--corpus-copies", type=int, default=30,
                    help="preprocessing input: train.jsonl this many times over, so a run lasts "
-                        "seconds and the worker start-up does not dominate")
+                        "seconds and fixed costs (start-up, workers' fork, last task, rename) "
+                        "do not dominate")
     p.add_argument("--repeats", type=int, default=5,
                    help="preprocessing rounds (every tokenizer setting x worker count per round)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2],
@@ -541,10 +545,11 @@ def render(pre_rows, obj_rows, args, argv, micro_batch, started, loads) -> str:
         "*M chars/s per core*: millions of characters of document text (as read, before "
         "cleaning) per wall second of the tool, divided by its workers; the tool's timer starts "
         "before it loads the tokenizer and, with word boundaries, jieba's dictionary (once, "
-        "before the workers fork), so that start-up is included. *M chars per CPU-second*: the "
-        "same "
-        "characters over the CPU seconds of the run (the process and its workers), which other "
-        "people's jobs disturb less than wall time. Median and best of "
+        "before the workers fork), so that start-up is included; the input is large "
+        f"(train.jsonl x {args.corpus_copies}) so that such fixed costs, which a real corpus of "
+        "gigabytes amortizes, weigh little. *M chars per CPU-second*: the same characters over "
+        "the CPU seconds of the run (the process and its workers), which other people's jobs "
+        "disturb less than wall time. Median and best of "
         f"{args.repeats} round(s); each round runs every setting, so load spikes from other users "
         f"hit all of them; {hi}w / {lo}w is the throughput ratio, the median of the per-round "
         f"ratios (linear: {hi / lo:g}). MB/s: megabytes (10^6) of UTF-8 document text per second, "

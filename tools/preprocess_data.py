@@ -19,13 +19,19 @@ line printed is `documents: D, tokens: T, MB/s: X` (MB of input text per second)
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import itertools
 import multiprocessing
+import multiprocessing.connection
 import os
+import pickle
+import re
+import shutil
 import sys
-import threading
+import tempfile
 import time
+import traceback
 
 import numpy as np
 
@@ -35,10 +41,10 @@ from megatron_lite.data.cleaning import (CleaningOptions, add_cleaning_args,  # 
                                          cleaning_options_from_args)
 from megatron_lite.data.indexed_dataset import (DatasetError, IndexedDatasetBuilder,  # noqa: E402
                                                 dtype_for_vocab, merge_datasets,
-                                                split_by_document)
+                                                split_by_document, write_document_files)
 from megatron_lite.data.readers import (SKIP_HINT, BadLineCounter, DataError,  # noqa: E402
                                         empty_corpus_error, is_jsonl, jsonl_line_documents,
-                                        raw_line_blocks, read_line_block,
+                                        line_ranges, raw_line_blocks, read_line_block,
                                         text_documents)
 from megatron_lite.data.segmentation import Segmenter, starts_mask  # noqa: E402
 from megatron_lite.data.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
@@ -48,22 +54,24 @@ _WORKER: dict = {}
 
 
 def _init_worker(tokenizer_path: str, clean: CleaningOptions, word_boundaries: bool,
-                 append_eod: bool, json_keys: list, skip_bad_lines: bool) -> None:
+                 append_eod: bool, json_keys: list, skip_bad_lines: bool,
+                 parts: str | None = None) -> None:
+    """`parts`: a directory where pool workers write each task's output (see `_spill`)."""
     tok = load_tokenizer(tokenizer_path)
     dtype = dtype_for_vocab(tok.vocab_size)
     if tok.is_char_level:
         tok.encode_array("", dtype)  # builds its lookup table now, before workers fork
     _WORKER.update(tok=tok, clean=clean, append_eod=append_eod, json_keys=json_keys,
                    skip=skip_bad_lines, segmenter=Segmenter() if word_boundaries else None,
-                   dtype=dtype)
+                   dtype=dtype, parts=parts)
 
 
 def _tasks(args):
-    """Work for the workers, in input order: ("range", path, first line number, byte offset,
-    length) of a jsonl file, ("jsonl", path, first line number, raw lines) of a gzipped one, or
-    ("docs", documents, skipped bad lines) of plain text. Workers read and parse jsonl lines
-    themselves, so this process only finds line boundaries. A reader error is yielded (not
-    raised) so it surfaces in input order."""
+    """Work for the workers, in input order: ("range", path, byte offset, length) of a jsonl
+    file, ("jsonl", path, first line number, raw lines) of a gzipped one, or ("docs",
+    documents, skipped bad lines) of plain text. Workers read and parse jsonl lines themselves,
+    so this process only finds blocks of lines. A reader error is yielded (not raised) so it
+    surfaces in input order."""
     skipped: list = []  # plain text's bad lines, passed on with the next task: only the main
     # thread counts them, in the order the workers' results arrive
 
@@ -76,12 +84,10 @@ def _tasks(args):
     try:
         for path in args.input:
             if is_jsonl(path) and not path.endswith(".gz"):
-                # Workers read the lines themselves: only offsets go through the pipe.
-                offset = 0
-                for first, lines in raw_line_blocks(path, n, strip_bom=False):
-                    length = sum(map(len, lines))
-                    yield "range", path, first, offset, length
-                    offset += length
+                # Workers read the lines themselves: only offsets go through the pipe, and this
+                # process does not even read the file (the workers count the lines).
+                for offset, length in line_ranges(path, n):
+                    yield "range", path, offset, length
             elif is_jsonl(path):
                 for first, lines in raw_line_blocks(path, n):
                     yield "jsonl", path, first, [line.rstrip(b"\r\n") for line in lines]
@@ -99,14 +105,18 @@ def _tasks(args):
         yield e
 
 
-def _encode(task):
-    """One task -> (outputs, documents read, input bytes, bad-line events, error).
+def _encode(task, slot: int | None = None):
+    """One task -> (outputs, documents read, input bytes, bad-line events, error, span).
 
     outputs: key -> (token ids, word starts or None, tokens per document), the documents back
-    to back, so the main process writes a task with one call per file. Events (reason, message)
-    and the error (the first bad line when not skipping) keep input order."""
+    to back, so the main process writes a task with one call per file; in a pool (`slot`
+    given), key -> `_spill`'s (tokens per document, file of ids, file of word starts or None)
+    instead. Events (reason, message) and the error (the first bad line when not skipping) keep
+    input order. A "range" task does not know where in its file it starts: its messages number
+    lines from 1 at the range's start, and span, (path, byte offset, lines read) of a range
+    task else None, lets the main process, which takes results in order, renumber them."""
     if isinstance(task, DataError):
-        return {}, 0, 0, [], task
+        return {}, 0, 0, [], task, None
     w = _WORKER
     tok, clean, skip = w["tok"], w["clean"], w["skip"]
     events: list = task[2] if task[0] == "docs" else []
@@ -118,12 +128,16 @@ def _encode(task):
 
     texts: dict = {}  # output key -> cleaned non-empty texts (ids, if not char-level)
     found = nbytes = 0
+    span = None
     try:
         if task[0] == "docs":
             docs = task[1]
         else:
-            kind, path, first, *rest = task
-            lines = read_line_block(path, *rest) if kind == "range" else rest[0]
+            if task[0] == "range":
+                path, first, lines = task[1], 1, read_line_block(*task[1:])
+                span = path, task[2], len(lines)
+            else:
+                _, path, first, lines = task
             keys = w["json_keys"]
             docs = (doc for i, raw in enumerate(lines)
                     for doc in jsonl_line_documents(path, first + i, raw, keys, bad))
@@ -144,8 +158,33 @@ def _encode(task):
             texts.setdefault(doc.key if doc.key is not None else w["json_keys"][0],
                              []).append(text)
     except DataError as e:
-        return {}, found, nbytes, events, e
-    return {key: _encode_texts(docs) for key, docs in texts.items()}, found, nbytes, events, None
+        return {}, found, nbytes, events, e, span
+    outputs = {key: _encode_texts(docs) for key, docs in texts.items()}
+    if slot is not None:
+        outputs = {key: _spill(slot, key, *out) for key, out in outputs.items()}
+    return outputs, found, nbytes, events, None, span
+
+
+def _renumber(message: str, path: str, before: int) -> str:
+    """A "range" task's message with its leading `path:line` (counted from the range's start)
+    made absolute: `before` lines of the file precede the range. Other messages are kept."""
+    match = re.match(re.escape(path) + r":(\d+)", message) if before else None
+    if match is None:
+        return message
+    return f"{path}:{int(match[1]) + before}{message[match.end():]}"
+
+
+def _spill(slot: int, key: str, ids, ws, sizes):
+    """Write a task's arrays to the files of its slot in the parts directory, for the main
+    process to append in the kernel: megabytes pickled back through a pipe cost the main
+    process CPU that the workers need, and made them wait on the pipe. A slot's files are
+    reused, overwritten from the start (never truncated or removed: cheaper), once the main
+    process has appended the slot's previous task."""
+    w = _WORKER
+    stem = os.path.join(w["parts"], f"{slot}-{w['json_keys'].index(key)}")
+    bin_path, ws_path = write_document_files(stem, ids, sizes, ws, w["tok"].vocab_size,
+                                             ws is not None)
+    return sizes, bin_path, ws_path
 
 
 def _encode_texts(texts: list):
@@ -175,13 +214,135 @@ def _encode_texts(texts: list):
     return ids, ws, sizes
 
 
-def _bounded(tasks, slots: threading.Semaphore, stop: threading.Event):
-    """`tasks`, each once a slot is free (the main loop frees one per result); ends at `stop`."""
-    for task in tasks:
-        slots.acquire()
-        if stop.is_set():
+class _Crash:
+    """A worker's unexpected exception, with its traceback, for the main process to raise."""
+
+    def __init__(self, error: BaseException):
+        self.text = traceback.format_exc()
+        try:
+            pickle.loads(pickle.dumps(error))  # not every exception survives the trip
+            self.error = error
+        except Exception:
+            self.error = RuntimeError(repr(error))
+
+
+def _worker_loop(conn, init) -> None:
+    """A pool worker: (slot, task) -> `_encode`'s result, until None or the pipe closes."""
+    if init is not None:
+        _init_worker(*init)
+    while True:
+        try:
+            item = conn.recv()
+        except EOFError:
             return
-        yield task
+        if item is None:
+            return
+        try:
+            result = _encode(item[1], item[0])
+        except Exception as e:
+            result = _Crash(e)
+        conn.send(result)
+
+
+class _Pool:
+    """Worker processes running `_encode`, results in input order.
+
+    Not multiprocessing.Pool: its three helper threads cost this process CPU the workers need
+    (one of them wakes on every read of the result pipe), and with two workers on two cores
+    every CPU-second here is taken from a worker. Here the main thread alone sends tasks and
+    receives results, over one pipe per worker. A worker holds at most two tasks, so it never
+    waits for its next one: the second only if small (a send never waits on a worker that
+    waits to send its result) and not near the end (the last tasks go to whichever worker is
+    free first). At most `n_slots` tasks are in flight or waiting to be consumed, which bounds
+    memory, and task i gets the files of slot i % n_slots (`_spill`), free again once task
+    i - n_slots was consumed.
+    """
+
+    QUEUED_MAX_BYTES = 4096  # a second queued task must fit the pipe's buffer with room to spare
+
+    def __init__(self, n: int, init: tuple, n_slots: int):
+        # fork: workers inherit the loaded tokenizer and jieba instead of loading their own, and
+        # the tool need not be importable.
+        fork = "fork" in multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if fork else None)
+        self.n_slots = n_slots
+        self.procs, self.conns = [], []
+        try:
+            for _ in range(n):
+                here, there = ctx.Pipe()
+                proc = ctx.Process(target=_worker_loop, args=(there, None if fork else init),
+                                   daemon=True)
+                proc.start()
+                there.close()
+                self.procs.append(proc)
+                self.conns.append(here)
+        except BaseException:
+            self.close(failed=True)
+            raise
+
+    def imap(self, tasks):
+        tasks = enumerate(tasks)
+        n = len(self.conns)
+        ahead: collections.deque = collections.deque()  # the next tasks: (index, pickled)
+        queued = [collections.deque() for _ in self.conns]  # per worker: its tasks' indices
+        done: dict = {}
+        consumed = sent = 0
+        while True:
+            for depth in (0, 1):  # idle workers first
+                for j, conn in enumerate(self.conns):
+                    while len(queued[j]) == depth and sent - consumed < self.n_slots:
+                        for i, task in itertools.islice(tasks, n + 1 - len(ahead)):
+                            ahead.append((i, pickle.dumps((i % self.n_slots, task),
+                                                          pickle.HIGHEST_PROTOCOL)))
+                        if not ahead or depth and (len(ahead) <= n or
+                                                   len(ahead[0][1]) > self.QUEUED_MAX_BYTES):
+                            break
+                        i, data = ahead.popleft()
+                        conn.send_bytes(data)
+                        queued[j].append(i)
+                        sent += 1
+            while consumed in done:
+                yield done.pop(consumed)
+                consumed += 1  # only now: the consumer is done with the slot's files
+            if not ahead and consumed == sent:
+                return
+            busy = [conn for j, conn in enumerate(self.conns) if queued[j]]
+            if not busy:  # every result was in, the slots were full: feed the workers again
+                continue
+            for conn in multiprocessing.connection.wait(busy):
+                j = self.conns.index(conn)
+                try:
+                    result = conn.recv()
+                except (EOFError, OSError):
+                    self.procs[j].join(1)
+                    raise RuntimeError(f"preprocessing worker {j} died (exit code "
+                                       f"{self.procs[j].exitcode}; killed, out of memory?)"
+                                       ) from None
+                if isinstance(result, _Crash):
+                    raise result.error from RuntimeError(f"in worker {j}:\n{result.text}")
+                done[queued[j].popleft()] = result
+
+    def close(self, failed: bool = False) -> None:
+        """Stop the workers: at once after a failure, else once they have read their None."""
+        for proc, conn in zip(self.procs, self.conns):
+            if failed:
+                proc.terminate()
+            else:
+                with contextlib.suppress(OSError):
+                    conn.send(None)
+        for proc, conn in zip(self.procs, self.conns):
+            proc.join(None if failed else 5)
+            if proc.exitcode is None:
+                proc.terminate()
+                proc.join()
+            conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(failed=exc_type is not None)
+        return False
 
 
 def output_prefixes(prefix: str, json_keys) -> dict[str, str]:
@@ -212,38 +373,38 @@ def preprocess(args) -> dict:
         builders = {key: stack.enter_context(IndexedDatasetBuilder(
             prefix, tok.vocab_size, tok.hash, with_word_starts=args.word_boundaries,
             tokenizer=os.path.abspath(args.tokenizer))) for key, prefix in prefixes.items()}
+        parts = None
+        if args.workers > 1:
+            # Beside the output (same file system, for in-kernel copies); removed after the
+            # pool has stopped (callbacks run last-in first-out), whatever happens.
+            first = next(iter(prefixes.values()))
+            parts = tempfile.mkdtemp(prefix=os.path.basename(first) + ".parts.tmp-",
+                                     dir=os.path.dirname(os.path.abspath(first)))
+            stack.callback(shutil.rmtree, parts, ignore_errors=True)
         init = (args.tokenizer, clean, args.word_boundaries, args.append_eod,
-                list(args.json_keys), args.skip_bad_lines)
+                list(args.json_keys), args.skip_bad_lines, parts)
         tasks = _tasks(args)
         # Set up here once: forked workers inherit the tokenizer and jieba's dictionary instead
         # of each loading them (~0.3 s of CPU per worker).
         _init_worker(*init)
         if args.workers > 1:
-            # fork: workers inherit the loaded modules, and the tool need not be importable.
-            methods = multiprocessing.get_all_start_methods()
-            fork = "fork" in methods
-            ctx = multiprocessing.get_context("fork" if fork else None)
-            pool = stack.enter_context(ctx.Pool(args.workers, None if fork else _init_worker,
-                                                init))
-            # Pool.imap reads its input as fast as it can: bound the tasks in flight so a large
-            # corpus is not pulled into memory ahead of the workers.
-            slots, stop = threading.Semaphore(4 * args.workers), threading.Event()
-
-            def unblock():  # before the pool's exit, whose terminate() joins the feeder thread
-                stop.set()
-                slots.release()
-            stack.callback(unblock)
-            results = pool.imap(_encode, _bounded(tasks, slots, stop))
+            pool = stack.enter_context(_Pool(args.workers, init, 4 * args.workers))
+            results = pool.imap(tasks)
         else:
-            slots = None
             results = map(_encode, tasks)
         from tqdm import tqdm
         bar = stack.enter_context(tqdm(unit=" docs", file=sys.stderr, mininterval=1.0,
                                        disable=args.quiet, desc="tokenizing"))
-        found = 0
-        for outputs, n_docs, n_bytes, events, error in results:
-            if slots is not None:
-                slots.release()
+        found = before = 0  # before: lines of the current file that precede a range task
+        for outputs, n_docs, n_bytes, events, error, span in results:
+            if span is not None:
+                path, offset, n_lines = span
+                before = before if offset else 0
+                events = [(reason, _renumber(message, path, before))
+                          for reason, message in events]
+                if error is not None:
+                    error = DataError(_renumber(str(error), path, before))
+                before += n_lines
             for reason, message in events:
                 counter.add(reason, message)
             if error is not None:
@@ -251,10 +412,15 @@ def preprocess(args) -> dict:
             found += n_docs
             nbytes += n_bytes
             bar.update(n_docs)
-            for key, (ids, ws, sizes) in outputs.items():
-                builders[key].add_documents(ids, sizes, ws)
+            for key, out in outputs.items():
+                if parts is None:
+                    ids, ws, sizes = out
+                    builders[key].add_documents(ids, sizes, ws)
+                else:
+                    sizes = out[0]
+                    builders[key].add_document_files(*out)
                 docs += sizes.size
-                tokens += ids.size
+                tokens += int(sizes.sum())
         if not found:
             raise empty_corpus_error(args.input, args.json_keys, counter)
         for key, builder in builders.items():
@@ -298,7 +464,8 @@ def main(argv=None) -> dict:
     p.add_argument("--tokenizer", help="tokenizer directory (tools/train_tokenizer.py)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--chunk-size", type=int, default=256,
-                   help="input lines (plain text: documents) per worker task")
+                   help="input lines (plain text: documents) per worker task; uncompressed "
+                        "jsonl: blocks of about the bytes of the first N lines")
     p.add_argument("--json-keys", nargs="+", default=["text"])
     p.add_argument("--append-eod", action="store_true",
                    help="end every document with the tokenizer's end-of-document token")

@@ -46,6 +46,79 @@ def dataset_exists(prefix: str) -> bool:
     return os.path.isfile(dataset_paths(prefix)["idx"])
 
 
+def check_documents(tokens: np.ndarray, sizes: np.ndarray, word_starts, vocab_size: int,
+                    with_word_starts: bool, where: str) -> None:
+    """Raise ValueError unless `tokens` (1-D integers below `vocab_size`) split into non-empty
+    documents of `sizes` and `word_starts` is there exactly when `with_word_starts`, one flag per
+    token. `where` starts the message."""
+    if tokens.ndim != 1 or (sizes <= 0).any() or int(sizes.sum()) != tokens.size:
+        raise ValueError(f"{where}: {tokens.size} tokens do not split into non-empty "
+                         f"documents of sizes {sizes.tolist()}")
+    if tokens.dtype.kind not in "iu":
+        raise ValueError(f"{where}: token ids must be integers, got {tokens.dtype}")
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{where}: token id {lo if lo < 0 else hi} is outside the vocabulary "
+                         f"(size {vocab_size}); was it tokenized with another tokenizer?")
+    if with_word_starts:
+        if word_starts is None:
+            raise ValueError(f"{where}: this builder stores word starts, so every document "
+                             f"needs them")
+        if np.shape(word_starts) != tokens.shape:
+            raise ValueError(f"{where}: {np.size(word_starts)} word-start flags for "
+                             f"{tokens.size} tokens")
+    elif word_starts is not None:
+        raise ValueError(f"{where}: word starts given, but the builder was created with "
+                         f"with_word_starts=False")
+
+
+def write_document_files(stem: str, tokens: np.ndarray, sizes, word_starts, vocab_size: int,
+                         with_word_starts: bool) -> tuple[str, str | None]:
+    """Check documents as `add_documents` does and write them, in the dataset's byte layout, at
+    the start of `stem.bin` (and `stem.ws`), for `IndexedDatasetBuilder.add_document_files` in
+    another process; returns the paths. Existing files are overwritten but not truncated: bytes
+    past the documents' may be left from earlier use (reusing the files is cheaper than
+    freeing and allocating their pages)."""
+    tokens, sizes = np.asarray(tokens), np.asarray(sizes, dtype=np.int64)
+    check_documents(tokens, sizes, word_starts, vocab_size, with_word_starts, stem)
+    paths = stem + ".bin", (stem + ".ws" if with_word_starts else None)
+    arrays = [np.ascontiguousarray(tokens, dtype=dtype_for_vocab(vocab_size))]
+    if with_word_starts:
+        arrays.append(np.ascontiguousarray(word_starts, dtype=np.uint8))
+    for path, array in zip(paths, arrays):
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644), "wb") as f:  # no O_TRUNC
+            array.tofile(f)
+    return paths
+
+
+def _append_file(dst, src_path: str, nbytes: int, where: str) -> None:
+    """Append the first `nbytes` bytes of file `src_path` to the open binary file `dst`."""
+    with open(src_path, "rb") as src:
+        size = os.fstat(src.fileno()).st_size
+        if size < nbytes:
+            raise ValueError(f"{where}: {src_path} holds {size} bytes, expected {nbytes}")
+        dst.flush()
+        left = nbytes
+        try:
+            # In-kernel copy: no pass through this process's memory.
+            while left:
+                done = os.copy_file_range(src.fileno(), dst.fileno(), left, nbytes - left)
+                if done == 0:
+                    raise OSError(f"{src_path}: copy_file_range stopped {left} bytes short")
+                left -= done
+        except (AttributeError, OSError):
+            if left != nbytes:  # part copied: an I/O error, not a missing system call
+                raise
+            while left:  # e.g. another file system, or no copy_file_range on this OS
+                block = src.read(min(left, 1 << 22))
+                if not block:
+                    raise ValueError(f"{where}: {src_path} ended {left} bytes short") from None
+                dst.write(block)
+                left -= len(block)
+        else:
+            dst.seek(0, os.SEEK_END)  # the buffered writer's idea of its position
+
+
 class IndexedDatasetBuilder:
     """Append documents, then `finalize()`. As a context manager, an exception removes every
     temporary file and nothing appears under the final names."""
@@ -88,31 +161,36 @@ class IndexedDatasetBuilder:
         tokens, sizes = np.asarray(tokens), np.asarray(sizes, dtype=np.int64)
         if sizes.size == 0:
             return
-        where = (f"document {self.num_docs}" if sizes.size == 1
-                 else f"documents {self.num_docs}..{self.num_docs + sizes.size - 1}")
-        where += f" of {self.prefix}"
-        if tokens.ndim != 1 or (sizes <= 0).any() or int(sizes.sum()) != tokens.size:
-            raise ValueError(f"{where}: {tokens.size} tokens do not split into non-empty "
-                             f"documents of sizes {sizes.tolist()}")
-        if tokens.dtype.kind not in "iu":
-            raise ValueError(f"{where}: token ids must be integers, got {tokens.dtype}")
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= self.vocab_size:
-            raise ValueError(f"{where}: token id {lo if lo < 0 else hi} is outside the vocabulary "
-                             f"(size {self.vocab_size}); was it tokenized with another tokenizer?")
+        check_documents(tokens, sizes, word_starts, self.vocab_size, self.with_word_starts,
+                        self._where(sizes.size))
         if self.with_word_starts:
-            if word_starts is None:
-                raise ValueError(f"{where}: this builder stores word starts, so every document "
-                                 f"needs them")
-            if np.shape(word_starts) != tokens.shape:
-                raise ValueError(f"{where}: {np.size(word_starts)} word-start flags for "
-                                 f"{tokens.size} tokens")
             self._ws.write(np.ascontiguousarray(word_starts, dtype=np.uint8))
-        elif word_starts is not None:
-            raise ValueError(f"{self.prefix}: word starts given, but the builder was created with "
-                             f"with_word_starts=False")
         self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype))
         self.offsets.extend((self.offsets[-1] + np.cumsum(sizes)).tolist())
+
+    def add_document_files(self, sizes, bin_path: str, ws_path: str | None = None) -> None:
+        """Append documents that `write_document_files` put at the start of files (a
+        preprocessing worker's chunk): their bytes are copied file to file, in the kernel where
+        it can, so the process that builds the dataset never loads the tokens. The files are
+        left in place."""
+        sizes = np.asarray(sizes, dtype=np.int64)
+        if sizes.size == 0:
+            return
+        where = self._where(sizes.size)
+        if sizes.ndim != 1 or (sizes <= 0).any():
+            raise ValueError(f"{where}: document sizes must be positive, got {sizes.tolist()}")
+        if (ws_path is not None) != self.with_word_starts:
+            raise ValueError(f"{where}: word-start file {'given' if ws_path else 'missing'}, but "
+                             f"the builder has with_word_starts={self.with_word_starts}")
+        n = int(sizes.sum())
+        _append_file(self._bin, bin_path, n * self.dtype.itemsize, where)
+        if ws_path is not None:
+            _append_file(self._ws, ws_path, n, where)
+        self.offsets.extend((self.offsets[-1] + np.cumsum(sizes)).tolist())
+
+    def _where(self, n: int) -> str:
+        return (f"document {self.num_docs}" if n == 1
+                else f"documents {self.num_docs}..{self.num_docs + n - 1}") + f" of {self.prefix}"
 
     def _add_raw(self, bin_bytes_src, ws_bytes_src, sizes: np.ndarray) -> None:
         """Append a whole dataset's files (merge); `*_src` are open binary files."""

@@ -102,9 +102,30 @@ def raw_line_blocks(path: str, n: int,
                         f"gzip: recompress it or drop the .gz suffix") from e
 
 
+def line_ranges(path: str, n: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of consecutive blocks of whole lines that cover an uncompressed file, for
+    `read_line_block`: the first `n` lines, then blocks of about as many bytes, each ending at
+    the first line end past that size. Only the first block is read (and a line per block):
+    preprocessing's main process finds blocks for its workers without reading the file, and
+    whoever reads a block counts its lines."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file; check the --input path")
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        target = sum(map(len, itertools.islice(f, n)))
+        offset = 0
+        while offset < size:
+            f.seek(offset + target - 1)  # the block's last byte if it ends a line
+            f.readline()
+            end = min(f.tell(), size)
+            yield offset, end - offset
+            offset = end
+
+
 def read_line_block(path: str, offset: int, length: int) -> list[bytes]:
     """The lines (without endings) of `length` bytes at `offset` of an uncompressed file, a block
-    of `raw_line_blocks`: the same bytes `raw_lines` gives, read where they are needed."""
+    of `line_ranges` (or `raw_line_blocks`): the same bytes `raw_lines` gives, read where they
+    are needed."""
     with open(path, "rb") as f:
         f.seek(offset)
         data = f.read(length)

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from megatron_lite.data.indexed_dataset import (DatasetError, IndexedDataset,
-                                                IndexedDatasetBuilder, merge_datasets,
-                                                split_by_document)
+                                                IndexedDatasetBuilder, dataset_paths,
+                                                merge_datasets, split_by_document,
+                                                write_document_files)
 
 
 def random_docs(rng, n, vocab_size, max_len=50):
@@ -95,6 +96,51 @@ def test_builder_rejects_bad_documents(tmp_path):
             b.add_document([1.5], [1])
         b.add_document([1, 2], [1, 0])
     assert IndexedDataset(str(tmp_path / "d"))[0].tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+@pytest.mark.parametrize("vocab_size", [1000, 70000])
+def test_document_files_append_what_add_documents_writes(tmp_path, monkeypatch, kernel_copy,
+                                                         vocab_size):
+    # A preprocessing worker writes chunks to reused files; the main process appends them.
+    rng = np.random.default_rng(0)
+    chunks = [random_docs(rng, n, vocab_size) for n in (5, 1, 9, 3)]
+    if not kernel_copy:  # e.g. another file system: the bytes pass through this process
+        def no_copy(*args):
+            raise OSError(18, "Invalid cross-device link")
+        monkeypatch.setattr(os, "copy_file_range", no_copy)
+    with IndexedDatasetBuilder(str(tmp_path / "ref"), vocab_size, "h", True) as ref, \
+            IndexedDatasetBuilder(str(tmp_path / "files"), vocab_size, "h", True) as out:
+        for k, docs in enumerate(chunks):
+            tokens, sizes = np.concatenate(docs), np.array([d.size for d in docs])
+            starts = rng.integers(0, 2, tokens.size).astype(bool)
+            ref.add_documents(tokens, sizes, starts)
+            if k == 2:  # some documents the usual way in between
+                out.add_documents(tokens, sizes, starts)
+                continue
+            # The same two files every time: later chunks overwrite a longer earlier one.
+            paths = write_document_files(str(tmp_path / "slot"), tokens, sizes, starts,
+                                         vocab_size, True)
+            out.add_document_files(sizes, *paths)
+    a, b = dataset_paths(tmp_path / "ref"), dataset_paths(tmp_path / "files")
+    for ext in ("bin", "idx", "ws"):
+        assert open(a[ext], "rb").read() == open(b[ext], "rb").read(), ext
+    assert len(IndexedDataset(str(tmp_path / "files"))) == 18
+
+
+def test_document_files_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        write_document_files(str(tmp_path / "s"), np.array([1, 100]), [2], None, 100, False)
+    paths = write_document_files(str(tmp_path / "s"), np.array([1, 2, 3]), [3], None, 100, False)
+    with IndexedDatasetBuilder(str(tmp_path / "d"), 100, "h") as b:
+        with pytest.raises(ValueError, match="holds 6 bytes, expected 8"):
+            b.add_document_files([4], *paths)
+        with pytest.raises(ValueError, match="sizes must be positive"):
+            b.add_document_files([3, 0], *paths)
+        with pytest.raises(ValueError, match="word-start file given"):
+            b.add_document_files([3], paths[0], paths[0])
+        b.add_document_files([1, 2], *paths)
+    assert [IndexedDataset(str(tmp_path / "d"))[i].tolist() for i in range(2)] == [[1], [2, 3]]
 
 
 def test_failure_leaves_nothing_behind(tmp_path):

@@ -4,6 +4,8 @@ import os
 import random
 import re
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -117,17 +119,31 @@ def test_uint32_round_trip_with_a_large_vocabulary(tmp_path):
         assert ds[i].tolist() == tok.encode(d)
 
 
-def test_several_json_keys_give_one_dataset_each(workdir, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_several_json_keys_give_one_dataset_each(workdir, tmp_path, workers):
     root, _, _, char, _ = workdir
     corpus = write_jsonl(tmp_path / "kv.jsonl", [{"title": "我们", "body": "大中国"},
-                                                 {"title": "人", "body": "说"}])
+                                                 {"title": "人", "body": "说"}] * 3)
     run(["--input", corpus, "--output-prefix", str(tmp_path / "out"), "--tokenizer", char,
-         "--json-keys", "title", "body"])
+         "--json-keys", "title", "body", "--workers", str(workers), "--chunk-size", "1"])
     tok = load_tokenizer(char)
     title, body = IndexedDataset(str(tmp_path / "out_title")), IndexedDataset(str(tmp_path /
                                                                                   "out_body"))
-    assert [tok.decode(title[i]) for i in range(2)] == ["我们", "人"]
-    assert [tok.decode(body[i]) for i in range(2)] == ["大中国", "说"]
+    assert [tok.decode(title[i]) for i in range(6)] == ["我们", "人"] * 3
+    assert [tok.decode(body[i]) for i in range(6)] == ["大中国", "说"] * 3
+    assert outputs(tmp_path) == ["out_body.bin", "out_body.idx", "out_title.bin",
+                                 "out_title.idx"]
+
+
+def test_workers_give_identical_files_without_word_starts(workdir, tmp_path):
+    root, texts, corpus, char, sp = workdir
+    for name, tok in (("char", char), ("sp", sp)):
+        for w in (1, 2):
+            run(["--input", corpus, "--output-prefix", str(tmp_path / f"{name}{w}"),
+                 "--tokenizer", tok, "--workers", str(w), "--append-eod", "--chunk-size", "9"])
+        for ext in ("bin", "idx"):
+            assert ((tmp_path / f"{name}1.{ext}").read_bytes()
+                    == (tmp_path / f"{name}2.{ext}").read_bytes()), (name, ext)
 
 
 def test_gzip_text_with_blank_line_documents(workdir, tmp_path):
@@ -139,6 +155,23 @@ def test_gzip_text_with_blank_line_documents(workdir, tmp_path):
          "--blank-line-docs"])
     tok, ds = load_tokenizer(char), IndexedDataset(str(tmp_path / "out"))
     assert [tok.decode(ds[i]) for i in range(len(ds))] == ["我们\n大中国", "人说"]
+
+
+def test_workers_give_identical_files_from_gzip_and_plain_text(workdir, tmp_path):
+    # Those tasks carry their lines or documents (kilobytes each, not byte offsets).
+    root, texts, _, char, _ = workdir
+    rows = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts) * 20
+    inputs = [tmp_path / "c.jsonl.gz", tmp_path / "c.txt"]
+    with gzip.open(inputs[0], "wt", encoding="utf-8") as f:
+        f.write(rows)
+    inputs[1].write_text("\n".join(t.replace("\n", " ") for t in texts * 20) + "\n",
+                         encoding="utf-8")
+    for w in (1, 2):
+        run(["--input", *map(str, inputs), "--output-prefix", str(tmp_path / f"w{w}"),
+             "--tokenizer", char, "--workers", str(w), "--word-boundaries", "--chunk-size", "200"])
+    for ext in ("bin", "idx", "ws"):
+        assert (tmp_path / f"w1.{ext}").read_bytes() == (tmp_path / f"w2.{ext}").read_bytes()
+    assert len(IndexedDataset(str(tmp_path / "w2"))) == 2 * 20 * len(texts)
 
 
 def bad_corpus(tmp_path):
@@ -157,6 +190,61 @@ def test_bad_line_stops_the_run_and_leaves_nothing(workdir, tmp_path, workers):
         run(["--input", corpus, "--output-prefix", str(out / "d"), "--tokenizer", char,
              "--workers", str(workers), "--word-boundaries", "--chunk-size", "1"])
     assert os.listdir(out) == []  # neither final files nor temporary ones
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("chunk", [1, 2, 3, 50])
+def test_line_numbers_are_exact_in_every_block(workdir, tmp_path, capsys, workers, chunk):
+    # Workers number a block's lines from its start; the main process makes them absolute.
+    root, _, _, char, _ = workdir
+    rows = [{"text": "我们"}] * 12
+    bad = {3: '{"text": "broken\n', 8: '{"body": "x"}\n', 11: '{"text": "\u200b"}\n'}
+    corpus = write_jsonl(tmp_path / "c.jsonl", [bad.get(i + 1, row) for i, row in enumerate(rows)])
+    first = write_jsonl(tmp_path / "first.jsonl", [{"text": "人"}] * 5)  # a file before it
+    argv = ["--input", first, corpus, "--tokenizer", char, "--workers", str(workers),
+            "--chunk-size", str(chunk)]
+    capsys.readouterr()
+    stats = run(argv + ["--output-prefix", str(tmp_path / "out"), "--skip-bad-lines"])
+    assert stats["documents"] == 5 + 9 and stats["skipped"] == 3
+    err = capsys.readouterr().err
+    for line in (3, 8, 11):
+        assert f"e.g. {corpus}:{line}" in err, err
+    del bad[3]
+    write_jsonl(tmp_path / "c.jsonl", [bad.get(i + 1, row) for i, row in enumerate(rows)])
+    with pytest.raises(DataError, match=rf"{re.escape(corpus)}:8: missing key 'text'"):
+        run(argv + ["--output-prefix", str(tmp_path / "no" / "out")])
+    assert os.listdir(tmp_path / "no") == []
+
+
+def test_a_crashing_worker_stops_the_run_and_leaves_nothing(workdir, tmp_path, monkeypatch):
+    # Forked workers inherit the patch.
+    root, _, corpus, char, _ = workdir
+
+    def boom(texts):
+        raise ZeroDivisionError("boom")
+    monkeypatch.setattr(preprocess_data, "_encode_texts", boom)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ZeroDivisionError, match="boom"):
+        run(["--input", corpus, "--output-prefix", str(out / "d"), "--tokenizer", char,
+             "--workers", "2", "--chunk-size", "4"])
+    assert os.listdir(out) == []
+
+
+def test_pool_keeps_order_and_slots_when_a_worker_lags(monkeypatch):
+    # One worker stuck on the first task while the other has done all the slots allow: once it is
+    # done, the pool must feed the (now all idle) workers again, not wait for results.
+    def encode(task, slot):
+        time.sleep(0.5 if task == 0 else 0.001)
+        return task, slot
+    monkeypatch.setattr(preprocess_data, "_encode", encode)  # forked workers inherit it
+    got = []
+    with preprocess_data._Pool(2, None, 2) as pool:
+        reader = threading.Thread(target=lambda: got.extend(pool.imap(range(20))), daemon=True)
+        reader.start()
+        reader.join(30)
+        assert not reader.is_alive(), f"the pool stalled after {len(got)} results"
+    assert got == [(i, i % 2) for i in range(20)]
 
 
 def test_skip_bad_lines_counts_and_reports(workdir, tmp_path, capsys):

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from megatron_lite.data.readers import BadLineCounter, DataError, read_documents
+from megatron_lite.data.readers import (BadLineCounter, DataError, line_ranges, raw_lines,
+                                        read_documents, read_line_block)
 
 
 def write(path, data: bytes, gz=False):
@@ -128,3 +129,30 @@ def test_reader_streams(tmp_path):
     assert next(docs).text == "一"
     with pytest.raises(DataError, match=":2: malformed JSON"):
         next(docs)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 100])
+@pytest.mark.parametrize("data", [
+    b'{"a": 1}\n{"bb": 22}\n\n{"c": 333333}\r\n{"d": 4}\n{"e": 5}',  # no final line end
+    b"\xef\xbb\xbfx\ny\nzzzzzzzzzz\nw\n",
+    b"",
+])
+def test_line_ranges_cover_the_file_in_whole_lines(tmp_path, n, data):
+    path = write(tmp_path / "a.jsonl", data)
+    ranges = list(line_ranges(path, n))
+    assert sum(length for _, length in ranges) == len(data)
+    assert all(length > 0 for _, length in ranges)
+    offsets = [offset for offset, _ in ranges]
+    assert offsets == [sum(length for _, length in ranges[:i]) for i in range(len(ranges))]
+    for offset, length in ranges[:-1]:
+        assert data[offset + length - 1:offset + length] == b"\n"
+    if ranges:  # the first block: exactly n lines (or the whole file)
+        assert ranges[0][1] == len(b"".join(data.splitlines(keepends=True)[:n]))
+    # Read back block by block: the lines raw_lines gives.
+    lines = [line for offset, length in ranges for line in read_line_block(path, offset, length)]
+    assert lines == [raw for _, raw in raw_lines(path)]
+
+
+def test_line_ranges_missing_file(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        list(line_ranges(str(tmp_path / "nope.jsonl"), 4))
