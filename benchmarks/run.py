@@ -56,7 +56,7 @@ QUICK_THROUGHPUT = ("--shapes", "tiny", "--seq-length", "64", "--warmup", "0", "
                     "--threads", "1", "--peak-flops", "1e11", "--no-memory")
 SECTIONS = {
     "data_pipeline": Section(
-        "data_pipeline.py", OUT, 11,
+        "data_pipeline.py", OUT, 5,
         ("--corpus-docs", "100", "--corpus-copies", "1", "--repeats", "1", "--workers", "1",
          "--rounds", "1", "--min-time", "0.01", "--micro-batch-size", "2", "--work-dir", "{tmp}"),
         8),
@@ -65,6 +65,14 @@ SECTIONS = {
                                 "--seq-length", "1024", "--micro-batch-size", "1", "--warmup", "1",
                                 "--steps", "5", *OUT),
         12, ("--model", "gpt", *QUICK_THROUGHPUT), 8),
+    # torch.compile, a run of its own (compiled rows slow the other rows of their process); the
+    # quick check compiles too (about a minute with inductor's cache cold).
+    "train_throughput_compile": Section(
+        "train_throughput.py", ("--model", "gpt", "--compile", "--shapes", "tiny", "linglong-106m",
+                                "--seq-length", "1024", "--warmup", "1", "--steps", "7",
+                                "--no-memory", *OUT),
+        8, ("--model", "gpt", "--compile", "--shapes", "tiny", "--seq-length", "64", "--warmup",
+            "1", "--steps", "1", "--threads", "1", "--peak-flops", "1e11", "--no-memory"), 60),
     "reshard": Section("reshard.py", OUT, 2,
                        ("--config", "configs/gpt/tiny.yaml", "--vocab-size", "300",
                         "--targets", "1", "--work-dir", "{tmp}"), 8),

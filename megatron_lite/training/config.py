@@ -126,6 +126,10 @@ class TrainingConfig:
     fused_kernels: Literal["auto", "apex", "torch"] = "auto"
     """Layer norm and Adam kernels: apex's fused ones on CUDA when apex imports (auto), apex or
     an error (apex), or torch's (torch). See megatron_lite/parallel/kernels.py."""
+    compile: bool = False
+    """Run the model's loss through torch.compile (inductor). The first step compiles (tens of
+    seconds on CPU); BENCHMARKS.md, "torch.compile", has the measured gain (1.33x at the tiny
+    GPT, none at 106M)."""
 
     def __post_init__(self):
         for name in ("micro_batch_size", "global_batch_size", "tensor_model_parallel_size",

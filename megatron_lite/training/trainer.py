@@ -137,6 +137,10 @@ class Trainer:
             ds_config = resume_engine_config(tcfg.load, ds_config, self.ps.tp_size,
                                              finetune=tcfg.finetune, tag=self.load_tag)
         self.engine, self.skippable = build_engine(model, ds_config, self.ps, self.fused_kernels)
+        # The trainer calls the model's loss, not its forward (which DeepSpeed's engine.compile()
+        # would wrap): compile the loss itself.
+        self._model_loss = (torch.compile(self.engine.module.loss) if tcfg.compile
+                            else self.engine.module.loss)
 
         self.step, self.consumed, self.skipped_total = 0, 0, 0
         self.stream_states: dict[int, object] = {}  # micro-batch slot -> the model's state
@@ -373,10 +377,9 @@ class Trainer:
         if not self._checked_batch:
             self.spec.check_batch(batch)
             self._checked_batch = True
-        module = self.engine.module
         if not self.spec.stream_state:
-            return module.loss(batch)
-        loss, ntokens, state = module.loss(batch, states.get(slot))
+            return self._model_loss(batch)
+        loss, ntokens, state = self._model_loss(batch, states.get(slot))
         states[slot] = _detached(state)
         return loss, ntokens
 

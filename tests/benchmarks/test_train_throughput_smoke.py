@@ -86,6 +86,18 @@ def test_smoke_run_reports_every_row(model, tmp_path, capsys):
     assert text.count(begin) == 1 and "second run" in text and "kept" in text
 
 
+def test_compile_run_has_its_own_rows_and_section():
+    """Compiled rows slow every row of their process, so --compile is a run of its own: ours and
+    the peer, eager and compiled, in a section of their own with no goal verdict."""
+    args = tt.parse_args(["--model", "gpt", "--compile"])
+    cfg, _ = tt.load_shape("gpt", "tiny", args)
+    assert [v.key for v in tt.variants("gpt", cfg, args)] == ["ours", "hf", "ours+compile",
+                                                              "hf+compile"]
+    eager, compiled = tt.section_markers("gpt"), tt.section_markers("gpt", compiled=True)
+    assert compiled[0] == "## Training throughput (GPT, torch.compile)"
+    assert "--compile" in compiled[1] and not set(eager) & set(compiled)
+
+
 @pytest.mark.slow
 def test_compile_rows_run(tmp_path):
     # LongNet: no peer, so one row compiles (inductor on CPU: about 50 s with a cold cache,

@@ -158,7 +158,7 @@ def test_fields_match_the_contract():
         "keep_last",
         "eval_interval", "eval_iters", "log_interval", "log_dir", "checkpoint_activations",
         "max_skipped_steps", "peak_flops", "no_progress_bar", "cpu_optimizer",
-        "reset_stream_state", "fused_kernels"]
+        "reset_stream_state", "fused_kernels", "compile"]
 
 
 def test_bool_flags(tmp_path):
