@@ -85,7 +85,7 @@ SECTIONS = {
     # machine has: tiny at 512 tokens with its memory of 128.
     "train_throughput_longformer": Section(
         "train_throughput.py", ("--model", "longformer", "--shapes", "tiny", "longformer-zh-base",
-                                "--seq-length", "1024", "--steps", "5", *OUT), 7,
+                                "--seq-length", "1024", "--steps", "5", *OUT), 4,
         ("--model", "longformer", *QUICK_THROUGHPUT), 8),
     "train_throughput_transformer_xl": Section(
         "train_throughput.py", ("--model", "transformer_xl", "--shapes", "tiny", "--seq-length",
@@ -93,7 +93,7 @@ SECTIONS = {
         ("--model", "transformer_xl", *QUICK_THROUGHPUT), 8),
     "train_throughput_longnet": Section(
         "train_throughput.py", ("--model", "longnet", "--shapes", "tiny", "longnet-base",
-                                "--seq-length", "2048", "--steps", "5", *OUT), 6,
+                                "--seq-length", "2048", "--steps", "5", *OUT), 3,
         ("--model", "longnet", *QUICK_THROUGHPUT), 8),
     "t5_learning": Section("t5_learning.py", OUT, 6, QUICK_WORK, 9),
     "longformer_attention": Section("longformer_attention.py", OUT, 10,
