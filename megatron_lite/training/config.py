@@ -128,8 +128,8 @@ class TrainingConfig:
     an error (apex), or torch's (torch). See megatron_lite/parallel/kernels.py."""
     compile: bool = False
     """Run the model's loss through torch.compile (inductor). The first step compiles (tens of
-    seconds on CPU); BENCHMARKS.md, "torch.compile", has the measured gain (1.33x at the tiny
-    GPT, none at 106M)."""
+    seconds on CPU); BENCHMARKS.md, "Training throughput (GPT, torch.compile)", has the
+    measured gain (1.33x at the tiny GPT, none at 106M)."""
 
     def __post_init__(self):
         for name in ("micro_batch_size", "global_batch_size", "tensor_model_parallel_size",
