@@ -60,6 +60,7 @@ from megatron_lite.parallel.launch import free_port  # noqa: E402
 from megatron_lite.training.config import (TrainingConfig, build_deepspeed_config,  # noqa: E402
                                            parse_config)
 from megatron_lite.training.mfu import peak_flops_per_rank  # noqa: E402
+from megatron_lite.training.trainer import detached_state  # noqa: E402
 
 # Per-model defaults, looked up by registry name (configs live in configs/<name>/). `vocab`
 # stands in for configs that leave vocab_size to the tokenizer; `marker` keeps the BENCHMARKS.md
@@ -375,17 +376,7 @@ def train_step(engine, v: Variant, batch: dict, state):
     value = loss.item()
     if not math.isfinite(value):
         raise RuntimeError(f"{v.key}: non-finite loss {value}; the timing would be meaningless")
-    return _detached(state)
-
-
-def _detached(state):
-    if isinstance(state, torch.Tensor):
-        return state.detach()
-    if isinstance(state, dict):
-        return {k: _detached(x) for k, x in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_detached(x) for x in state)
-    return state
+    return detached_state(state)
 
 
 def count_params(module) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import uuid
 from typing import Iterable
@@ -169,10 +168,10 @@ class IndexedDatasetBuilder:
         self.offsets.extend((self.offsets[-1] + np.cumsum(sizes)).tolist())
 
     def add_document_files(self, sizes, bin_path: str, ws_path: str | None = None) -> None:
-        """Append documents that `write_document_files` put at the start of files (a
-        preprocessing worker's chunk): their bytes are copied file to file, in the kernel where
-        it can, so the process that builds the dataset never loads the tokens. The files are
-        left in place."""
+        """Append documents stored at the start of files in the dataset's byte layout (a
+        preprocessing worker's chunk from `write_document_files`, or a whole dataset being
+        merged): their bytes are copied file to file, in the kernel where it can, so the process
+        that builds the dataset never loads the tokens. The files are left in place."""
         sizes = np.asarray(sizes, dtype=np.int64)
         if sizes.size == 0:
             return
@@ -191,14 +190,6 @@ class IndexedDatasetBuilder:
     def _where(self, n: int) -> str:
         return (f"document {self.num_docs}" if n == 1
                 else f"documents {self.num_docs}..{self.num_docs + n - 1}") + f" of {self.prefix}"
-
-    def _add_raw(self, bin_bytes_src, ws_bytes_src, sizes: np.ndarray) -> None:
-        """Append a whole dataset's files (merge); `*_src` are open binary files."""
-        shutil.copyfileobj(bin_bytes_src, self._bin, 1 << 22)
-        if self._ws is not None:
-            shutil.copyfileobj(ws_bytes_src, self._ws, 1 << 22)
-        ends = self.offsets[-1] + np.cumsum(sizes, dtype=np.int64)
-        self.offsets.extend(ends.tolist())
 
     def finalize(self) -> None:
         if self._done:
@@ -375,12 +366,8 @@ def merge_datasets(prefixes: Iterable[str], out_prefix: str) -> IndexedDataset:
                                first.has_word_starts, first.header.get("tokenizer")) as builder:
         for ds in datasets:
             paths = dataset_paths(ds.prefix)
-            with open(paths["bin"], "rb") as fb:
-                if ds.has_word_starts:
-                    with open(paths["ws"], "rb") as fw:
-                        builder._add_raw(fb, fw, ds.sizes)
-                else:
-                    builder._add_raw(fb, None, ds.sizes)
+            builder.add_document_files(ds.sizes, paths["bin"],
+                                       paths["ws"] if ds.has_word_starts else None)
     return IndexedDataset(out_prefix)
 
 

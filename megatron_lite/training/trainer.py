@@ -380,7 +380,7 @@ class Trainer:
         if not self.spec.stream_state:
             return self._model_loss(batch)
         loss, ntokens, state = self._model_loss(batch, states.get(slot))
-        states[slot] = _detached(state)
+        states[slot] = detached_state(state)
         return loss, ntokens
 
     def train_step(self) -> StepResult:
@@ -615,14 +615,14 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _detached(state):
+def detached_state(state):
     """A model's per-stream state cut from the graph (tensors in dicts, lists or tuples)."""
     if torch.is_tensor(state):
         return state.detach()
     if isinstance(state, dict):
-        return {k: _detached(v) for k, v in state.items()}
+        return {k: detached_state(v) for k, v in state.items()}
     if isinstance(state, (list, tuple)):
-        return type(state)(_detached(v) for v in state)
+        return type(state)(detached_state(v) for v in state)
     return state
 
 
