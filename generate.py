@@ -42,7 +42,7 @@ from megatron_lite.inference.recurrent import check_segment_length, generate_rec
 from megatron_lite.inference.seq2seq import encode_source, generate_seq2seq
 from megatron_lite.models.registry import get_model_spec, import_model_modules
 from megatron_lite.parallel import ParallelState, RNGContext
-from megatron_lite.parallel.launch import destroy_distributed, init_distributed
+from megatron_lite.parallel.launch import destroy_distributed, exit_process, init_distributed
 import megatron_lite.models  # noqa: F401  (registers the architectures)
 
 STOP_WORDS = ("stop", "exit", "quit")
@@ -340,3 +340,4 @@ def main(argv=None):
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
     main()
+    exit_process(0)

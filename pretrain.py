@@ -10,8 +10,8 @@ The model's registry record (megatron_lite/models/<name>.py) says everything els
 and data sections, its objective, how its loss and FLOPs are counted. `pretrain_gpt.py` and
 `pretrain_t5.py` are this script with a default model.
 """
-import sys
 
+from megatron_lite.parallel.launch import exit_process
 from megatron_lite.training.trainer import pretrain, run_main
 
 
@@ -20,4 +20,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

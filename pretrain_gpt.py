@@ -12,8 +12,8 @@ Resume: `--load runs/tiny`; fine-tune on prompt/text pairs: `--load CKPT --finet
 This is `pretrain.py` with `--model gpt` as the default: `--model NAME` selects another model of
 the GPT family (any registered model, in fact). The model lives in megatron_lite/models/gpt.py.
 """
-import sys
 
+from megatron_lite.parallel.launch import exit_process
 from megatron_lite.training.trainer import pretrain, run_main
 
 
@@ -22,4 +22,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

@@ -22,8 +22,8 @@ global (`--no-global-attention-cls`), and the prediction cap scales with the blo
 This is `pretrain.py` with `--model longformer` as the default; the model, its data builder and
 its attention live in megatron_lite/models/longformer.py.
 """
-import sys
 
+from megatron_lite.parallel.launch import exit_process
 from megatron_lite.training.trainer import pretrain, run_main
 
 
@@ -32,4 +32,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

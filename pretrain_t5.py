@@ -17,8 +17,8 @@ Resume: `--load runs/t5-tiny`. Start from a Hugging Face T5 / LongLM (tools/conv
 This is `pretrain.py` with `--model t5` as the default; the model and its data builder live in
 megatron_lite/models/t5.py.
 """
-import sys
 
+from megatron_lite.parallel.launch import exit_process
 from megatron_lite.training.trainer import pretrain, run_main
 
 
@@ -27,4 +27,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

@@ -121,8 +121,9 @@ class Variant:
     """None: ours; else the peer, built with benchmark_peer(cfg, *peer_args)."""
     fused_head_loss: bool = True
     """Ours: the module's fused head and loss lever, where it has one."""
-    compile: bool = False
-    """Through DeepSpeed's engine.compile() (torch.compile, inductor)."""
+    compile: str = ""
+    """The torch.compile backend of a row compiled through DeepSpeed's engine.compile(); "":
+    eager."""
 
 
 def parse_args(argv):
@@ -155,6 +156,10 @@ def parse_args(argv):
                         "written to the section '<model>, torch.compile'. A model whose "
                         "state grows (Transformer-XL's memory) recompiles until it is full: "
                         "give it --warmup >= mem_length / seq-length + 2")
+    p.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager"],
+                   help="with --compile: torch.compile's backend. aot_eager traces the same "
+                        "graphs (dynamo and AOT autograd) without generating kernels, in seconds "
+                        "instead of a minute: for smoke runs, not for figures")
     p.add_argument("--no-memory", action="store_true",
                    help="skip the peak-RSS probes (a fresh process per row, seconds of imports "
                         "each): for smoke runs")
@@ -265,8 +270,8 @@ def variants(model: str, cfg, args) -> list[Variant]:
         # kernels have run, every row's step slowed (tiny GPT: 0.12 s to 1.1 s), so compiled rows
         # would distort the other rows' figures.
         eager = [out[0], *peers[:1]]
-        out = eager + [dataclasses.replace(v, key=v.key + "+compile", compile=True)
-                       for v in eager]
+        out = eager + [dataclasses.replace(v, key=v.key + "+compile",
+                                           compile=args.compile_backend) for v in eager]
     return out
 
 
@@ -364,7 +369,7 @@ def make_engine(v: Variant, tcfg: TrainingConfig, ds_path: str, ps: ParallelStat
     if v.compile:
         # Graph breaks (our label checks read a tensor's value) would print a warning each.
         torch._logging.set_logs(dynamo=logging.ERROR)
-        engine.compile()  # lazy: dynamo traces and inductor compiles in the first step
+        engine.compile(backend=v.compile)  # lazy: traced and compiled in the first step
     return engine
 
 
@@ -640,8 +645,9 @@ def render(rows: list[dict], args, argv: list[str], ds_path: str, tcfg: Training
                      "spent descheduled by other jobs does not inflate.")
     if args.compile:
         notes.append("The *torch.compile* rows go through DeepSpeed's `engine.compile()` "
-                     "(inductor); their first step, which compiles, is a warm-up step and its "
-                     "seconds are in *first step s*; they have no memory probe.")
+                     f"(backend {args.compile_backend}); their first step, which compiles, is a "
+                     "warm-up step and its seconds are in *first step s*; they have no memory "
+                     "probe.")
     notes.append("*Peak RSS* is the high-water mark of a fresh process that builds the model and "
                  "its engine and runs two steps; in brackets its RSS before building "
                  "(interpreter, torch, deepspeed, transformers). *MFU by CPU time* divides the "

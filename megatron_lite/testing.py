@@ -7,7 +7,6 @@ not oversubscribe two cores) and its return value comes back in a list indexed b
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import traceback
 
@@ -15,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megatron_lite.parallel.launch import free_port
+from megatron_lite.parallel.launch import exit_process, free_port
 
 
 def _worker(rank, fn, world_size, port, result_dir, threads, args):
@@ -35,12 +34,9 @@ def _worker(rank, fn, world_size, port, result_dir, threads, args):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    # Leave without the interpreter's teardown: a native thread some library left running (its
-    # std::thread destroyed while joinable) can abort the process there, after the result is
-    # saved, and mp.spawn would report the finished rank as killed.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # Without the interpreter's teardown, which can abort a finished rank (exit_process says why)
+    # and mp.spawn would report it as killed.
+    exit_process(0)
 
 
 def run_distributed(fn, world_size: int, *args, threads: int = 1):

@@ -42,7 +42,8 @@ from megatron_lite.data.sampler import collate  # noqa: E402
 from megatron_lite.data.tokenizer import load_tokenizer  # noqa: E402
 from megatron_lite.models.registry import import_model_modules  # noqa: E402
 from megatron_lite.parallel import ParallelState, RNGContext  # noqa: E402
-from megatron_lite.parallel.launch import destroy_distributed, init_distributed  # noqa: E402
+from megatron_lite.parallel.launch import (  # noqa: E402
+    destroy_distributed, exit_process, init_distributed)
 from megatron_lite.training.config import RunConfig, TrainingConfig  # noqa: E402
 
 
@@ -192,3 +193,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

@@ -6,8 +6,11 @@ plain `python pretrain_gpt.py ...` and a 64-rank launch run the same code.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -55,3 +58,18 @@ def destroy_distributed(owned: bool) -> None:
     """Tear down the world `init_distributed` made (a caller's own world is left alone)."""
     if owned and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(status: int = 0) -> NoReturn:
+    """End a command whose run is over: flush its output, then leave without the interpreter's
+    teardown.
+
+    Gloo runs native worker threads per process group, and DeepSpeed's and our module-level
+    handles keep the groups alive past `destroy_process_group`. Their destruction in a finalizing
+    interpreter can abort the process ("terminate called without an active exception", SIGABRT)
+    after the run finished and saved everything; the launcher then reports the rank as failed
+    and kills the others. Everything the run wrote is closed before its entry point returns."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -76,3 +76,22 @@ def test_world_that_tp_cannot_fill_is_a_one_line_error(gpt_data):
     assert status == 2
     assert err.startswith("error: world size 1 is not divisible by tensor-model-parallel size 2")
     assert "Traceback" not in err
+
+
+def test_a_finished_command_exits_with_its_status_and_all_its_output(tmp_path):
+    """exit_process skips the interpreter's teardown (where gloo's threads can abort a finished
+    rank) but not the flushing: buffered stdout, stderr and logging output all arrive."""
+    script = (
+        "import logging, sys\n"
+        "from megatron_lite.parallel.launch import exit_process\n"
+        "logging.basicConfig(filename=sys.argv[1], level=logging.INFO)\n"
+        "logging.info('logged')\n"
+        "sys.stdout.write('out'); sys.stderr.write('err')\n"
+        "exit_process(3)\n"
+        "print('not reached')\n")
+    log = tmp_path / "run.log"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # pipes buffer
+    proc = subprocess.run([sys.executable, "-c", script, str(log)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, env=env)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "out", "err")
+    assert "logged" in log.read_text()
