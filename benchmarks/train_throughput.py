@@ -7,7 +7,7 @@
 `--model NAME` is a registry name (gpt, t5, longformer, transformer_xl, longnet). For each shape
 (configs/<NAME>/<shape>.yaml, or a path to such a YAML) the rows train on the same random batches
 of the model's objective, each wrapped by deepspeed.initialize with the same engine config (our
-build_deepspeed_config over configs/deepspeed/zero<N>.json; fp32, torch AdamW):
+build_deepspeed_config over configs/deepspeed/zero<N>.json; fp32, torch AdamW, fused):
   - ours, built by the registry record (`spec.build`) and initialised as the trainer does;
   - ours with the fused head and loss off (`fused_head_loss = False`), where the module has it;
   - ours with the config's sparse attention, where it has one (the first row is then dense);
@@ -607,7 +607,7 @@ def render(rows: list[dict], args, argv: list[str], ds_path: str, tcfg: Training
                     "on."),
         f"- Peak: {peak / 1e9:.1f} GFLOP/s fp32 ({peak_source})",
         f"- Engine: DeepSpeed, {os.path.relpath(ds_path, ROOT)} (ZeRO stage {args.zero_stage}), "
-        f"fp32, torch AdamW, gradient clipping {tcfg.clip_grad}; micro-batch "
+        f"fp32, torch AdamW (fused), gradient clipping {tcfg.clip_grad}; micro-batch "
         f"{args.micro_batch_size}, {_lengths(cfg, data, args)}, {args.warmup} warm-up step(s), "
         f"{args.steps} timed round(s) per model",
         "",

@@ -66,6 +66,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict, ps, fused_kernels: str
     if plain or (fused_kernels == "apex" and not offloaded):
         params = dict(ds_config.pop("optimizer")["params"])
         params.pop("torch_adam", None)  # DeepSpeed's switch for torch's AdamW: this is one
+        fused = params.pop("fused", False)  # torch's fused AdamW kernel; apex's is its own
 
         def client_optimizer(model_parameters):
             if fused_kernels == "apex":
@@ -74,7 +75,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict, ps, fused_kernels: str
                 params["betas"] = tuple(params["betas"])
                 optimizer = cls(model_parameters, **params, adam_w_mode=True)
             else:
-                optimizer = SkippableAdamW(model_parameters, **params, foreach=None)
+                optimizer = SkippableAdamW(model_parameters, **params, fused=fused)
             if plain:
                 skippable.append(optimizer)
             return optimizer

@@ -425,7 +425,8 @@ def test_batch_optimizer_and_clipping_injection(tmp_path):
     assert cfg["gradient_accumulation_steps"] == 4
     assert cfg["gradient_clipping"] == 0.5
     assert cfg["optimizer"] == {"type": "AdamW", "params": {
-        "lr": 2e-4, "betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 0.1, "torch_adam": True}}
+        "lr": 2e-4, "betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 0.1, "torch_adam": True,
+        "fused": True}}
     assert cfg["zero_optimization"]["stage"] == 2
     with pytest.raises(ConfigError, match="global batch size 16 .* data-parallel size 3"):
         build_deepspeed_config(t, 3, None)
