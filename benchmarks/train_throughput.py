@@ -19,8 +19,9 @@ build_deepspeed_config over configs/deepspeed/zero<N>.json; fp32, torch AdamW, f
     kept out of the main run.
 Dropout is off everywhere: the timing compares the math, not random masks. A step is forward +
 backward + optimizer step through the engine. After the warm-up the rows are timed in rounds of
-one step each, in turn (A B C A B C ...), so a slow spell on a shared machine hits all of them;
-the table gives medians, and ours/theirs is the median of the per-round throughput ratios. MFU
+one step each, in turn, each round starting one row later (A B C, B C A, C A B ...), so a slow
+spell on a shared machine hits all of them and no row always follows the same other one; the
+table gives medians, and ours/theirs is the median of the per-round throughput ratios. MFU
 uses the registry's FLOPs per sample for every row (one formula, so the ratio is fair). Peak
 memory is each row's RSS high-water mark in a fresh process: in a shared process the high-water
 mark only grows, so later rows would inherit earlier ones' peaks.
@@ -500,7 +501,10 @@ def timed_rounds(shape, todo, engines, data, args) -> tuple[dict, dict, dict, di
     cpu = {v.key: [] for v in todo}
     for r in range(args.steps):
         b = batch(args.warmup + r)
-        for v in list(todo):
+        # Each round starts at the next row: a step runs after whichever row freed its memory
+        # before it (a different model's buffers, faulted in afresh), and that cost moves
+        # around instead of always falling on the same row.
+        for v in todo[r % len(todo):] + todo[:r % len(todo)]:
             start, start_cpu = time.perf_counter(), time.process_time()
             if step(v, b):
                 wall[v.key].append(time.perf_counter() - start)

@@ -156,3 +156,16 @@ def test_section_without_generated_block_gets_one_at_its_end(tmp_path):
     tt.update_markdown(str(path), "figures")
     text = path.read_text(encoding="utf-8")
     assert text.index("intro") < text.index("figures") < text.index("## Next")
+
+
+def test_each_round_starts_one_row_later(monkeypatch):
+    """No row always runs right after the same other row (whose freed buffers it would fault in
+    afresh every round)."""
+    order = []
+    monkeypatch.setattr(tt, "make_batch", lambda *a: None)
+    monkeypatch.setattr(tt, "train_step", lambda engine, v, b, state: order.append(v.key))
+    todo = [tt.Variant(k, "gpt", k, "dense", None) for k in "ABC"]
+    args = tt.parse_args(["--model", "gpt", "--warmup", "1", "--steps", "3"])
+    wall, cpu, first, failed = tt.timed_rounds("tiny", todo, {k: None for k in "ABC"}, None, args)
+    assert "".join(order) == "ABC" + "ABC" + "BCA" + "CAB"  # warm-up, then three rounds
+    assert all(len(wall[k]) == 3 for k in "ABC") and not failed
