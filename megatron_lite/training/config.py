@@ -743,6 +743,21 @@ def _scheduler(training: TrainingConfig) -> dict:
                        "warmup_type": "linear"}}
 
 
+def zero_on_one_rank_note(cfg: dict, dp_size: int) -> str | None:
+    """What the log says when ZeRO has nothing to partition (one data-parallel rank, nothing
+    offloaded), or None. DeepSpeed still flattens every gradient into its partition buffers and
+    copies the updated partition back into the weights each step."""
+    zero = cfg.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    offloaded = any(_offload_device(zero.get(k)) != "none"
+                    for k in ("offload_optimizer", "offload_param"))
+    if dp_size > 1 or stage == 0 or offloaded:
+        return None
+    return (f"ZeRO stage {stage} at data-parallel size 1 has nothing to partition but still "
+            "copies the gradients into its buffers and the weights back every step; "
+            "configs/deepspeed/zero0.json trains the same model without those copies")
+
+
 def build_deepspeed_config(training: TrainingConfig, dp_size: int, path: str | None) -> dict:
     """The engine config for deepspeed.initialize: the JSON's engine choices plus our training.
 

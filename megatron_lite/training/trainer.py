@@ -46,7 +46,8 @@ from megatron_lite.parallel import ParallelState, RNGContext, initialize_paramet
 from megatron_lite.parallel.kernels import resolve_fused_kernels, use_fused_kernels
 from megatron_lite.parallel.launch import destroy_distributed, init_distributed
 from megatron_lite.training.config import (RunConfig, build_deepspeed_config, check_batch_sizes,
-                                           parse_config, parse_model_choice)
+                                           parse_config, parse_model_choice,
+                                           zero_on_one_rank_note)
 from megatron_lite.training.engine import begin_micro_batch, build_engine
 from megatron_lite.training.logger import MetricsLogger
 from megatron_lite.training.mfu import peak_flops_per_rank
@@ -132,6 +133,9 @@ class Trainer:
         model.universal_checkpoint_info = layout_universal_checkpoint_info(self.layout,
                                                                            self.ps.tp_size)
         ds_config = build_deepspeed_config(tcfg, self.ps.dp_size, run.deepspeed_config)
+        idle_zero = zero_on_one_rank_note(ds_config, self.ps.dp_size)
+        if idle_zero:
+            self.notes.append(idle_zero)
         self.load_tag = self._select_checkpoint() if tcfg.load else None
         if tcfg.load:  # a checkpoint change_mp.py resharded may need DeepSpeed's universal load
             ds_config = resume_engine_config(tcfg.load, ds_config, self.ps.tp_size,

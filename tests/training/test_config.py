@@ -504,6 +504,18 @@ def test_cpu_optimizer_and_offload():
                                os.path.join(DS_DIR, "zero2.json"))
 
 
+def test_zero_with_nothing_to_partition_is_noted():
+    """ZeRO at one data-parallel rank, nothing offloaded: the log points to the plain path."""
+    def note(name, dp):
+        return C.zero_on_one_rank_note(build_deepspeed_config(
+            TrainingConfig(micro_batch_size=1, global_batch_size=dp), dp,
+            os.path.join(DS_DIR, f"{name}.json")), dp)
+    assert "ZeRO stage 1 at data-parallel size 1" in note("zero1", 1)
+    assert "configs/deepspeed/zero0.json" in note("zero2", 1)
+    assert note("zero1", 2) is None and note("zero0", 1) is None
+    assert note("zero2_offload", 1) is None  # offloading is what ZeRO-Offload is for
+
+
 def test_precision_checks_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "_has_cuda", lambda: False)
     fp16 = os.path.join(DS_DIR, "zero2_fp16.json")
