@@ -150,9 +150,11 @@ def _run(cmd: list[str], log) -> tuple[int, float]:
     return proc.returncode, usage.ru_utime + usage.ru_stime
 
 
-# What every quick section imports first; a forkserver imports them once (_preloaded).
+# What every quick section imports first; a forkserver imports them once (_preloaded). Only
+# installed packages: the server does not have this checkout on its path, and skips silently
+# what it cannot import.
 PRELOAD = ["torch", "deepspeed", "deepspeed.runtime.engine", "transformers",
-           "megatron_lite.training.trainer", "benchmarks.report"]
+           "megatron_lite.training.trainer"]
 
 
 def _preloaded():
@@ -184,9 +186,9 @@ def _script_in_fork(script: str, args: list[str], log: str, usage: str,
         sys.path[0] = os.path.dirname(script)
         runpy.run_path(script, run_name="__main__")
         code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if not isinstance(e.code, int) and e.code is not None:
+    except SystemExit as e:  # as the interpreter treats it: a message means status 1
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        if code == 1 and not isinstance(e.code, int):
             print(e.code, file=sys.stderr)
     except BaseException:
         import traceback
@@ -257,7 +259,8 @@ def run_section(name: str, quick: bool, log_dir: str, progress: bool = True,
         cmd = [sys.executable, script, *args]
         shown = ("$ " + " ".join(cmd) + (f"    (on cores {cores})" if cores else "")
                  + ("    (forked from a preloaded interpreter)" if ctx else "") + "\n")
-        if cores is not None:  # its processes see these cores only, and size their threads so
+        if cores is not None and ctx is None:  # its processes see these cores only, and size
+            # their threads so (a forked section pins itself)
             cmd = [sys.executable, "-c", _PINNED, ",".join(map(str, cores)), *cmd[1:]]
         done = threading.Event()
         bar = None

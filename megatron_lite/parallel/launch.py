@@ -64,8 +64,8 @@ def exit_process(status: int = 0) -> NoReturn:
     """End a command whose run is over: flush its output, then leave without the interpreter's
     teardown.
 
-    Gloo runs native worker threads per process group, and DeepSpeed's and our module-level
-    handles keep the groups alive past `destroy_process_group`. Their destruction in a finalizing
+    Gloo runs native worker threads per process group, and module-level handles (DeepSpeed's,
+    ours) can keep a group alive past `destroy_process_group`. Its destruction in a finalizing
     interpreter can abort the process ("terminate called without an active exception", SIGABRT)
     after the run finished and saved everything; the launcher then reports the rank as failed
     and kills the others. Everything the run wrote is closed before its entry point returns."""
