@@ -4,7 +4,7 @@ failing section is reported as one, and the quick mode of every section runs.
 
 Some sections' quick runs are already covered, in process and with checks of their results, by
 their own smoke tests: data_pipeline, the train_throughput sections (one per model),
-longformer_attention and longnet_attention (tests/benchmarks/test_*_smoke.py) and reshard
+longformer_attention, longnet_attention and layer_levers (tests/benchmarks/test_*_smoke.py) and reshard
 (tests/checkpoint/test_reshard_benchmark.py). Here their registered quick arguments are only
 parsed; the other sections run their quick mode through run.py, as `make bench-quick` does."""
 import importlib
@@ -16,7 +16,7 @@ from benchmarks import run as bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOKE_TESTED = {"data_pipeline", "reshard", "longformer_attention", "longnet_attention",
-                *(n for n in bench.SECTIONS if n.startswith("train_throughput"))}
+                "layer_levers", *(n for n in bench.SECTIONS if n.startswith("train_throughput"))}
 
 
 def test_every_section_names_a_script_and_writes_its_block():
