@@ -67,8 +67,8 @@ SECTIONS = {
     "train_throughput": Section(
         "train_throughput.py", ("--model", "gpt", "--shapes", "tiny", "linglong-106m",
                                 "--seq-length", "1024", "--micro-batch-size", "1", "--warmup", "1",
-                                "--steps", "5", *OUT),
-        12, ("--model", "gpt", *QUICK_THROUGHPUT), 3),
+                                "--steps", "7", *OUT),
+        13, ("--model", "gpt", *QUICK_THROUGHPUT), 3),
     # torch.compile, a run of its own (compiled rows slow the other rows of their process). The
     # quick check traces through dynamo and AOT autograd without inductor's code generation (a
     # minute with its cache cold); tests/training/test_compile.py covers inductor.

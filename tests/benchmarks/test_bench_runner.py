@@ -84,3 +84,13 @@ def test_failing_or_missing_sections_are_reported(tmp_path, monkeypatch, capsys)
         bench.main(["--quick", "--section", "fine,gone", "--log-dir", logs, "--no-progress"])
     assert "benchmarks/no_such_script.py (section gone)" in str(err.value)
     assert capsys.readouterr().out == ""  # refused before anything ran
+
+
+def test_every_section_s_full_run_is_the_command_its_block_names():
+    """`make bench` reruns what BENCHMARKS.md says produced each figure, flag for flag."""
+    import shlex
+    with open(os.path.join(ROOT, "BENCHMARKS.md"), encoding="utf-8") as f:
+        text = f.read()
+    for name, section in bench.SECTIONS.items():
+        command = shlex.join(["python", f"benchmarks/{section.script}", *section.full])
+        assert f"- Command: `{command}`" in text, (name, command)
