@@ -4,8 +4,8 @@ failing section is reported as one, and the quick mode of every section runs.
 
 Some sections' quick runs are already covered, in process and with checks of their results, by
 their own smoke tests: data_pipeline, the train_throughput sections (one per model),
-longformer_attention, longnet_attention and layer_levers (tests/benchmarks/test_*_smoke.py) and reshard
-(tests/checkpoint/test_reshard_benchmark.py). Here their registered quick arguments are only
+longformer_attention, longnet_attention and layer_levers (tests/benchmarks/test_*_smoke.py) and
+reshard (tests/checkpoint/test_reshard_benchmark.py). Here their registered quick arguments are only
 parsed; the other sections run their quick mode through run.py, as `make bench-quick` does."""
 import importlib
 import os
