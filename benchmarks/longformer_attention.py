@@ -24,7 +24,6 @@ import argparse
 import datetime
 import multiprocessing
 import os
-import resource
 import statistics
 import sys
 import threading
@@ -34,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python benchmarks/longformer_attention.py` from a checkout
     sys.path.insert(0, ROOT)
 
-from benchmarks.report import provenance, update_section  # noqa: E402
+from benchmarks.report import peak_rss_bytes, provenance, update_section  # noqa: E402
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
@@ -162,11 +161,6 @@ def _import_all():
         importlib.import_module(name)
 
 
-def _rss_peak_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
-
-
 def _memory_probe(variant: str, n: int, args) -> tuple[int, int]:
     """(RSS before building, RSS high-water mark after two steps) of `variant` at n, in bytes;
     runs in a fresh process."""
@@ -176,7 +170,7 @@ def _memory_probe(variant: str, n: int, args) -> tuple[int, int]:
     step = build(variant, n, args)
     for _ in range(2):
         step()
-    return baseline, _rss_peak_bytes()
+    return baseline, peak_rss_bytes()
 
 
 # ---------------------------------------------------------------------------- the benchmark

@@ -23,7 +23,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python benchmarks/longnet_attention.py` from a checkout
     sys.path.insert(0, ROOT)
 
-from benchmarks.report import provenance, update_section  # noqa: E402
+from benchmarks.report import peak_rss_bytes, provenance, update_section  # noqa: E402
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
@@ -95,10 +94,6 @@ def _layer(args, ps):
     return layer
 
 
-def _rss_peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def _measure(args, n_total: int, ps) -> dict:
     """Build the layer for this rank's slice of n_total tokens and time forward + backward."""
     baseline = psutil.Process().memory_info().rss
@@ -119,7 +114,7 @@ def _measure(args, n_total: int, ps) -> dict:
         x.grad = None
         layer.zero_grad(set_to_none=True)
     return {"seconds": end - start, "forward_s": mid - start, "backward_s": end - mid,
-            "cpu_s": time.process_time() - start_cpu, "peak": _rss_peak_bytes(),
+            "cpu_s": time.process_time() - start_cpu, "peak": peak_rss_bytes(),
             "baseline": baseline}
 
 

@@ -12,8 +12,10 @@ a. The attention op alone, forward + backward of a fixed random output gradient,
 b. The whole model (configs/gpt/linglong-106m.yaml, position table widened to T), forward +
    backward of the LM loss, no optimizer step (it costs the same for both and would only dilute
    the ratio): sparse_attention true (odd layers block-sparse) against false (all layers dense
-   causal). Dropout is off by default (`--dropout`): SDPA on CPU has no flash kernel with
-   dropout, so the dense layers would fall back to the math path and materialise [heads, T, T].
+   causal), and the sparse model with `block_sparse = False` (its odd layers through the masked
+   SDPA, the implementation the block-sparse op replaced and the tests' reference). Dropout
+   is off by default (`--dropout`): SDPA on CPU has no flash kernel with dropout, so the dense
+   layers would fall back to the math path and materialise [heads, T, T].
    Peak memory is the RSS high-water mark of a fresh process per (model, T) that builds the model
    and runs two steps; in brackets the RSS before building.
 
@@ -28,7 +30,6 @@ import dataclasses
 import datetime
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python benchmarks/sparse_attention.py` from a checkout
     sys.path.insert(0, ROOT)
 
-from benchmarks.report import provenance, update_section  # noqa: E402
+from benchmarks.report import peak_rss_bytes, provenance, update_section  # noqa: E402
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
@@ -87,7 +88,8 @@ def parse_args(argv):
                    help="toy shapes for a smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     p.add_argument("--out", default=None,
                    help=f"markdown file whose '{SECTION[3:]}' section gets the results")
-    p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: dense|sparse:T
+    # internal: "dense|sparse|masked:T", one memory probe
+    p.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     if "--quick" in argv:  # the toy shapes become the defaults; flags still win
         p.set_defaults(**QUICK)
     args = p.parse_args(argv)
@@ -143,9 +145,13 @@ def model_config(args, n: int, sparse: bool) -> GPTConfig:
                                sparse_attention=sparse)
 
 
-def build_model(args, n: int, sparse: bool) -> GPTModel:
+MODELS = ("dense", "sparse", "masked")  # masked: the sparse pattern through masked SDPA
+
+
+def build_model(args, n: int, kind: str) -> GPTModel:
     ps = ParallelState.single()
-    model = GPTModel(model_config(args, n, sparse), ps, RNGContext(args.seed))
+    model = GPTModel(model_config(args, n, kind != "dense"), ps, RNGContext(args.seed))
+    model.block_sparse = kind != "masked"
     initialize_parameters(model, args.seed, ps)
     return model.train()
 
@@ -168,7 +174,7 @@ def train_step(model: GPTModel, batch: dict, step: int) -> float:
 
 
 def bench_model(args, n: int) -> dict:
-    models = {"dense": build_model(args, n, False), "sparse": build_model(args, n, True)}
+    models = {kind: build_model(args, n, kind) for kind in MODELS}
     batch = make_batch(models["dense"].cfg, n, args.seed)
     times = {k: [] for k in models}
     for r in range(args.warmup + args.model_rounds):
@@ -179,8 +185,9 @@ def bench_model(args, n: int) -> dict:
     del models
     row = {"tokens": n, **{f"{k}_s": statistics.median(t) for k, t in times.items()}}
     row["dense_over_sparse"] = _median_ratio(times["dense"], times["sparse"])
+    row["masked_over_sparse"] = _median_ratio(times["masked"], times["sparse"])
     if not args.no_memory:
-        for key in ("dense", "sparse"):
+        for key in MODELS:
             probe = run_probe(args, key, n)
             row[f"{key}_peak"], row[f"{key}_baseline"] = probe["peak"], probe["baseline"]
     return row
@@ -193,12 +200,12 @@ def probe(args) -> dict:
     n = int(n)
     torch.set_num_threads(args.threads)
     baseline = psutil.Process().memory_info().rss
-    model = build_model(args, n, key == "sparse")
+    model = build_model(args, n, key)
     batch = make_batch(model.cfg, n, args.seed)
     for step in range(2):
         train_step(model, batch, step)
     return {"baseline": baseline,
-            "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
+            "peak": peak_rss_bytes()}
 
 
 def run_probe(args, key: str, n: int) -> dict:
@@ -214,7 +221,7 @@ def run_probe(args, key: str, n: int) -> dict:
 
 # ---------------------------------------------------------------------------- report
 def _gib(b) -> str:
-    return f"{b / 2**30:.2f}"
+    return f"{b / 2**30:.3f}"
 
 
 def goals(op_rows, model_rows) -> list[tuple[str, str, bool]]:
@@ -262,21 +269,25 @@ def render(op_rows, model_rows, args, argv, started, load) -> str:
             f"Whole model `{args.shape}` ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
             f"{cfg.num_attention_heads} heads, vocab {cfg.vocab_size}, sparse stride "
             f"{cfg.sparse_stride} summary {cfg.sparse_summary} on the odd layers), fp32, batch 1, "
-            f"dropout {args.dropout:g}: forward + backward of the LM loss, no optimizer step; "
-            f"medians of {args.model_rounds} rounds" + (
+            f"dropout {args.dropout:g}: forward + backward of the LM loss, no optimizer step. "
+            "*masked* is the sparse model with its odd layers through the masked SDPA "
+            "(`block_sparse = False`), the implementation the block-sparse op replaced. Medians "
+            f"of {args.model_rounds} rounds" + (
                 "; peak RSS of a fresh process per row and model (two steps), in brackets its "
                 "RSS before building:" if mem else ":"),
             "",
-            "| T | dense step s | sparse step s | dense / sparse |"
-            + (" dense peak RSS GiB | sparse peak RSS GiB |" if mem else ""),
-            "|---:|---:|---:|---:|" + ("---:|---:|" if mem else ""),
+            "| T | dense step s | sparse step s | masked step s | dense / sparse | "
+            "masked / sparse |"
+            + (" dense peak RSS GiB | sparse peak RSS GiB | masked peak RSS GiB |" if mem else ""),
+            "|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if mem else ""),
         ]
         for r in model_rows:
             line = (f"| {r['tokens']:,} | {r['dense_s']:.2f} | {r['sparse_s']:.2f} | "
-                    f"{r['dense_over_sparse']:.2f} |")
+                    f"{r['masked_s']:.2f} | {r['dense_over_sparse']:.2f} | "
+                    f"{r['masked_over_sparse']:.2f} |")
             if mem:
                 line += "".join(f" {_gib(r[f'{k}_peak'])} ({_gib(r[f'{k}_baseline'])}) |"
-                                for k in ("dense", "sparse"))
+                                for k in MODELS)
             lines.append(line)
     checks = goals(op_rows, model_rows)
     if checks:

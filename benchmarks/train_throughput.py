@@ -38,7 +38,6 @@ import logging
 import math
 import multiprocessing
 import os
-import resource
 import statistics
 import sys
 import time
@@ -48,7 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python benchmarks/train_throughput.py` from a checkout
     sys.path.insert(0, ROOT)
 
-from benchmarks.report import provenance, update_section  # noqa: E402
+from benchmarks.report import peak_rss_bytes, provenance, update_section  # noqa: E402
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
@@ -425,11 +424,6 @@ def _init_single_rank() -> bool:
     return True
 
 
-def _rss_bytes_peak() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
-
-
 def _memory_probe(v: Variant, data, tcfg: TrainingConfig, ds_path: str, micro_batch: int,
                   threads: int, seed: int, steps: int) -> tuple[int, int]:
     """(RSS before building, RSS high-water mark after `steps` steps) of `v`, in bytes.
@@ -448,7 +442,7 @@ def _memory_probe(v: Variant, data, tcfg: TrainingConfig, ds_path: str, micro_ba
         for step in range(steps):
             state = train_step(engine, v, make_batch(v.model_name, step, v.cfg, data, micro_batch,
                                                      seed), state)
-        return baseline, _rss_bytes_peak()
+        return baseline, peak_rss_bytes()
     finally:
         dist.destroy_process_group()
 
