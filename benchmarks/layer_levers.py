@@ -111,29 +111,13 @@ def our_layer(args) -> GPTLayer:
     return layer
 
 
-def _own(module: nn.Module) -> Variant:
-    params = dict(module.named_parameters())
-    return Variant(module, list(params.values()),
-                   lambda: {k: p.grad for k, p in params.items()})
-
-
 def _copy(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t.detach().clone().contiguous())
 
 
 def attention(args, layer: GPTLayer) -> Variant:
-    return _own(_Causal(layer.attn))
-
-
-class _Causal(nn.Module):
     """Our attention block, causal, as the dense layers call it."""
-
-    def __init__(self, attn):
-        super().__init__()
-        self.attn = attn
-
-    def forward(self, x):
-        return self.attn(x, None, True)
+    return _shared(lambda x: layer.attn(x, None, True), {"attn": layer.attn})
 
 
 def three_projections(args, layer: GPTLayer) -> Variant:
@@ -175,14 +159,13 @@ def contiguous_heads(args, layer: GPTLayer) -> Variant:
 
 
 def _shared(run, modules: dict[str, nn.Module]) -> Variant:
-    """A twin that runs on our modules' own weights."""
+    """`run` on our modules' own weights, their gradients named `<key>.<parameter>`."""
     params = {f"{prefix}.{k}": p for prefix, m in modules.items() for k, p in m.named_parameters()}
     return Variant(run, list(params.values()), lambda: {k: p.grad for k, p in params.items()})
 
 
 def mlp(args, layer: GPTLayer) -> Variant:
-    v = _own(layer.mlp)
-    return Variant(v.run, v.params, lambda: {f"mlp.{k}": g for k, g in v.grads().items()})
+    return _shared(layer.mlp, {"mlp": layer.mlp})
 
 
 def gelu_pointwise(args, layer: GPTLayer) -> Variant:

@@ -8,7 +8,9 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import resource
 import shlex
+import sys
 
 HEADER = ("# Benchmarks\n\nMeasured results of the scripts in `benchmarks/`; each section says "
           "how to reproduce its figures.\n")
@@ -54,8 +56,6 @@ def peak_rss_bytes() -> int:
                     return int(line.split()[1]) * 1024  # kB
     except OSError:
         pass
-    import resource
-    import sys
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
