@@ -68,7 +68,7 @@ SECTIONS = {
         "train_throughput.py", ("--model", "gpt", "--shapes", "tiny", "linglong-106m",
                                 "--seq-length", "1024", "--micro-batch-size", "1", "--warmup", "1",
                                 "--steps", "7", *OUT),
-        13, ("--model", "gpt", *QUICK_THROUGHPUT), 3),
+        6, ("--model", "gpt", *QUICK_THROUGHPUT), 3),
     # torch.compile, a run of its own (compiled rows slow the other rows of their process). The
     # quick check traces through dynamo and AOT autograd without inductor's code generation (a
     # minute with its cache cold); tests/training/test_compile.py covers inductor.
@@ -83,7 +83,7 @@ SECTIONS = {
                        ("--config", "configs/gpt/tiny.yaml", "--vocab-size", "300",
                         "--targets", "1", "--work-dir", "{tmp}"), 5),
     "train_throughput_t5": Section(
-        "train_throughput.py", ("--model", "t5", "--steps", "7", "--threads", "1", *OUT), 12,
+        "train_throughput.py", ("--model", "t5", "--steps", "15", "--threads", "1", *OUT), 4,
         ("--model", "t5", "--decoder-seq-length", "16", *QUICK_THROUGHPUT), 4),
     # The largest shapes a full run does within 10 min on 2 cores (estimates from the FLOPs
     # counts: 0.8 and 1.5 TFLOP a step): Longformer_ZH at 1024 of its 4096 tokens, LongNet-base

@@ -1,13 +1,14 @@
 """Training throughput of one of our models against its transformers twin, on one rank.
 
     python benchmarks/train_throughput.py                        # --model gpt: tiny + linglong-106m
-    python benchmarks/train_throughput.py --model t5 --steps 7 --threads 1 --out BENCHMARKS.md
+    python benchmarks/train_throughput.py --model t5 --steps 15 --threads 1 --out BENCHMARKS.md
     python benchmarks/train_throughput.py --model longformer --shapes tiny --compile
 
 `--model NAME` is a registry name (gpt, t5, longformer, transformer_xl, longnet). For each shape
 (configs/<NAME>/<shape>.yaml, or a path to such a YAML) the rows train on the same random batches
-of the model's objective, each wrapped by deepspeed.initialize with the same engine config (our
-build_deepspeed_config over configs/deepspeed/zero<N>.json; fp32, torch AdamW, fused):
+of the model's objective, each wrapped by the trainer's engine (`build_engine`) with the same
+config (our build_deepspeed_config over configs/deepspeed/zero<N>.json, ZeRO stage 0 by default:
+one rank has nothing to partition; fp32, torch AdamW, fused):
   - ours, built by the registry record (`spec.build`) and initialised as the trainer does;
   - ours with the fused head and loss off (`fused_head_loss = False`), where the module has it;
   - ours with the config's sparse attention, where it has one (the first row is then dense);
@@ -59,6 +60,7 @@ from megatron_lite.parallel import ParallelState, RNGContext, initialize_paramet
 from megatron_lite.parallel.launch import free_port  # noqa: E402
 from megatron_lite.training.config import (TrainingConfig, build_deepspeed_config,  # noqa: E402
                                            parse_config)
+from megatron_lite.training.engine import build_engine  # noqa: E402
 from megatron_lite.training.mfu import peak_flops_per_rank  # noqa: E402
 from megatron_lite.training.trainer import detached_state  # noqa: E402
 
@@ -141,8 +143,9 @@ def parse_args(argv):
     p.add_argument("--micro-batch-size", type=int, default=1, help="samples per step")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per model")
     p.add_argument("--steps", type=int, default=5, help="timed rounds (one step per model each)")
-    p.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2, 3],
-                   help="engine config configs/deepspeed/zero<N>.json")
+    p.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3],
+                   help="engine config configs/deepspeed/zero<N>.json (0: what the trainer "
+                        "advises for one data-parallel rank; ZeRO there only adds copies)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="torch threads; every core this process may use unless set")
     p.add_argument("--peak-flops", type=float, default=None,
@@ -359,12 +362,9 @@ def build_module(v: Variant, ps: ParallelState, seed: int) -> nn.Module:
 
 
 def make_engine(v: Variant, tcfg: TrainingConfig, ds_path: str, ps: ParallelState, seed: int):
-    import deepspeed
     spec = get_model_spec(v.model_name)
     module = LossForward(build_module(v, ps, seed), spec.stream_state and v.peer_args is None)
-    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
-                                           config=build_deepspeed_config(tcfg, ps.dp_size, ds_path),
-                                           mpu=ps)
+    engine, _ = build_engine(module, build_deepspeed_config(tcfg, ps.dp_size, ds_path), ps)
     engine.train()
     if v.compile:
         # Graph breaks (our label checks read a tensor's value) would print a warning each.

@@ -33,7 +33,8 @@ from megatron_lite.models.blocks import (MaskCache, ParallelMLP, ParallelSelfAtt
                                          split_heads)
 from megatron_lite.models.registry import ConversionError, HFConverter, ModelSpec, register
 from megatron_lite.parallel import (ParallelState, RNGContext, VocabParallelEmbedding,
-                                    parallel_lm_logits, vocab_parallel_cross_entropy,
+                                    parallel_lm_logits, tied_gradient,
+                                    vocab_parallel_cross_entropy,
                                     vocab_parallel_linear_cross_entropy)
 
 
@@ -221,7 +222,8 @@ class GPTModel(nn.Module):
                 raise ValueError(f"attention_mask covers {tuple(attention_mask.shape[-2:])} "
                                  f"(queries, keys) but the input has {s} queries and {total} keys")
 
-        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        tied = tied_gradient(head_loss and self.fused_head_loss)  # the head is the embedding
+        x = self.word_embeddings(input_ids, tied) + self.position_embeddings(position_ids)
         x = self.rng.dropout(x, self.cfg.hidden_dropout, "embedding", tp_region=False,
                              training=self.training)
 
@@ -246,14 +248,14 @@ class GPTModel(nn.Module):
                 x = layer(x, mask, is_causal, kv_cache, layer_blocks)
         x = self.final_ln(x)
         if head_loss:
-            return self._head_loss(x, labels, loss_mask)
+            return self._head_loss(x, labels, loss_mask, tied)
         return parallel_lm_logits(x, self.word_embeddings.weight, self.ps)
 
-    def _head_loss(self, hidden, labels, loss_mask):
+    def _head_loss(self, hidden, labels, loss_mask, tied=None):
         if self.fused_head_loss:
             return vocab_parallel_linear_cross_entropy(
                 hidden, self.word_embeddings.weight, labels, loss_mask, self.ps,
-                vocab_size=self.cfg.vocab_size)
+                vocab_size=self.cfg.vocab_size, tied=tied)
         logits = parallel_lm_logits(hidden, self.word_embeddings.weight, self.ps)
         per_token = vocab_parallel_cross_entropy(logits, labels, self.ps,
                                                  vocab_size=self.cfg.vocab_size)

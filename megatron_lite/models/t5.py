@@ -55,8 +55,9 @@ from megatron_lite.models.blocks import (KVCache, check_tp_divisible, fuse_heads
                                          padded_vocab_size, resize_rows, split_heads)
 from megatron_lite.models.registry import ConversionError, HFConverter, ModelSpec, register
 from megatron_lite.parallel import (ColumnParallelLinear, ParallelState, RNGContext,
-                                    RowParallelLinear, VocabParallelEmbedding, mark_replicated,
-                                    parallel_lm_logits, set_init, set_partition_tags,
+                                    RowParallelLinear, TiedGradient, VocabParallelEmbedding,
+                                    mark_replicated, parallel_lm_logits, set_init,
+                                    set_partition_tags, tied_gradient,
                                     vocab_parallel_cross_entropy,
                                     vocab_parallel_linear_cross_entropy)
 
@@ -265,6 +266,19 @@ class EncoderDecoderCache:
         return self.self_attn.seq_len
 
 
+def _biased_attention(q, k, v, bias):
+    """softmax(q k^T + bias) v with the bias's gradient, on CPU. SDPA needs its math path for a
+    bias that takes a gradient (the flash kernel gives none), and that path adds the bias in a
+    pass of its own and guards the softmax against fully masked rows with three more passes over
+    the scores. Here the bias is the GEMM's accumulator (baddbmm), and T5's finite mask value
+    leaves no row fully masked, so a plain softmax is exact."""
+    b, h, s, d = q.shape
+    t = k.shape[2]
+    scores = torch.baddbmm(bias.expand(b, h, s, t).reshape(b * h, s, t), q.reshape(b * h, s, d),
+                           k.reshape(b * h, t, d).transpose(1, 2))
+    return torch.bmm(scores.softmax(-1), v.reshape(b * h, t, d)).view(b, h, s, d)
+
+
 class T5Attention(nn.Module):
     """Multi-head attention (self or cross) with heads sharded over TP and no score scaling.
 
@@ -308,6 +322,8 @@ class T5Attention(nn.Module):
             with self.rng.fork(self.site, tp_region=True):
                 ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p,
                                                      scale=1.0)
+        elif bias.requires_grad and q.device.type == "cpu":
+            ctx = _biased_attention(q, k, v, bias)
         else:
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
         return self.o(ctx.transpose(1, 2).reshape(b, s, self.local_heads * self.d_kv))
@@ -509,7 +525,8 @@ class T5Model(nn.Module):
         keep = ids != self.cfg.pad_token_id
         return self.encoder(embedded, keep=keep), keep
 
-    def _embed_pair(self, encoder_input_ids: torch.Tensor, decoder_input_ids: torch.Tensor):
+    def _embed_pair(self, encoder_input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,
+                    tied: TiedGradient | None = None):
         """Both stacks' input embeddings from one lookup. The table's gradient is then one dense
         [V/tp, h] buffer per step instead of two, each a fresh allocation the size of the table
         (on CPU its page faults cost more than the lookup)."""
@@ -517,7 +534,7 @@ class T5Model(nn.Module):
         self._check_ids(decoder_input_ids, "decoder_input_ids")
         n = encoder_input_ids.numel()
         ids = torch.cat([encoder_input_ids.reshape(-1), decoder_input_ids.reshape(-1)])
-        both = self.shared(ids)
+        both = self.shared(ids, tied)
         return (both[:n].view(*encoder_input_ids.shape, -1),
                 both[n:].view(*decoder_input_ids.shape, -1))
 
@@ -549,8 +566,9 @@ class T5Model(nn.Module):
         `model(**batch)` works, and ignored unless `head_loss`: then the result is `loss`'s
         (mean loss, number of loss tokens), computed here because ZeRO-3 gathers a partitioned
         weight (the head's) only while a forward runs."""
+        tied = tied_gradient(head_loss and self.fused_head_loss and self.cfg.tie_word_embeddings)
         encoder_embedded, decoder_embedded = self._embed_pair(encoder_input_ids,
-                                                              decoder_input_ids)
+                                                              decoder_input_ids, tied)
         memory, keep = self._encode(encoder_input_ids, encoder_embedded)
         hidden = self._decode(decoder_embedded, memory, keep, hidden_only=head_loss)
         if not head_loss:
@@ -558,7 +576,7 @@ class T5Model(nn.Module):
         if self.fused_head_loss:
             return vocab_parallel_linear_cross_entropy(
                 hidden, self.head_weight, labels, loss_mask, self.ps,
-                vocab_size=self.cfg.vocab_size)
+                vocab_size=self.cfg.vocab_size, tied=tied)
         logits = parallel_lm_logits(hidden, self.head_weight, self.ps)
         per_token = vocab_parallel_cross_entropy(logits, labels, self.ps,
                                                  vocab_size=self.cfg.vocab_size)

@@ -5,7 +5,8 @@ from .cross_entropy import (gather_full_logits, vocab_parallel_cross_entropy,
                             vocab_parallel_linear_cross_entropy)
 from .init import (initialize_parameters, is_sharded, mark_replicated, merge_shards, param_seed, set_init,
                    set_partition_tags, take_shard)
-from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, parallel_lm_logits
+from .layers import (ColumnParallelLinear, RowParallelLinear, TiedGradient, VocabParallelEmbedding,
+                     parallel_lm_logits, tied_gradient)
 from .random import RNGContext
 from .state import ParallelState
 
@@ -13,6 +14,7 @@ __all__ = [
     "ParallelState",
     "copy_to_tp", "reduce_from_tp", "scatter_to_tp_last_dim", "gather_from_tp_last_dim",
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "parallel_lm_logits",
+    "TiedGradient", "tied_gradient",
     "vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy", "gather_full_logits",
     "set_init", "set_partition_tags", "mark_replicated", "is_sharded", "take_shard", "merge_shards",
     "param_seed", "initialize_parameters",

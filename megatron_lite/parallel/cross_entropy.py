@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from .collectives import copy_to_tp, gather_from_tp_last_dim
+from .layers import TiedGradient
 from .state import ParallelState
 
 
@@ -111,63 +112,91 @@ def gather_full_logits(logits_shard: torch.Tensor, ps: ParallelState, vocab_size
 FUSED_CHUNK_ELEMENTS = 2 ** 22
 
 
+def _head_and_loss(hidden, weight, labels, weights, ps, vocab_size, chunk_rows, with_grad):
+    """(loss, its gradient wrt hidden, wrt weight) of `_LinearCrossEntropy`, chunk by chunk; the
+    gradients are None without `with_grad`."""
+    compute = torch.promote_types(hidden.dtype, torch.float32)
+    per_rank = weight.size(0)
+    valid_here, local_label, not_here = _local_labels(labels, per_rank, ps, vocab_size)
+    loss = hidden.new_zeros((), dtype=compute)
+    grad_hidden = torch.empty_like(hidden) if with_grad else None
+    grad_weight = None
+    for lo in range(0, hidden.size(0), chunk_rows):
+        rows = slice(lo, lo + chunk_rows)
+        h, w = hidden[rows], weights[rows]
+        logits = (h @ weight.t()).to(compute)
+        if valid_here < per_rank:  # padding columns take no part in the softmax
+            logits[:, valid_here:] = float("-inf")
+        label, away = local_label[rows].unsqueeze(-1), not_here[rows]
+        if ps.tp_size == 1:
+            # One kernel per row while the row is in cache; exp of it is the softmax.
+            logits = torch.log_softmax(logits, dim=-1)
+            loss -= (logits.gather(-1, label).squeeze(-1) * w).sum()
+            probs = logits.exp_()
+        else:  # the softmax spans every rank's columns
+            per_token, probs = _softmax_over_tp_(logits, local_label[rows], away, ps)
+            loss += (per_token * w).sum()
+        if not with_grad:
+            continue
+        # d(loss)/d(logits) = w * (softmax - onehot); onehot only where the label is here.
+        probs.scatter_add_(-1, label, -(~away).to(compute).unsqueeze(-1))
+        probs, w = probs.to(hidden.dtype), w.to(hidden.dtype).unsqueeze(-1)
+        grad_hidden[rows] = (probs @ weight) * w
+        if grad_weight is None:  # the first chunk writes the buffer: no zero fill before it
+            grad_weight = (probs.t() @ (h * w)).to(compute)
+        elif grad_weight.dtype == probs.dtype:
+            grad_weight.addmm_(probs.t(), h * w)
+        else:  # half-precision matmul, accumulated over the chunks in fp32
+            grad_weight.add_(probs.t() @ (h * w))
+    if with_grad and grad_weight is None:  # no tokens
+        grad_weight = torch.zeros(weight.shape, dtype=compute, device=weight.device)
+    return loss, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """The output head and a masked mean cross entropy in one pass over chunks of tokens.
 
     The full [tokens, V/tp] logits never exist: each chunk's logits are made, turned into that
     chunk's losses and its gradient (softmax - onehot), and dropped. Because the loss is one mean
     with weights known up front (loss_mask / its sum), the gradients of the hidden states and of
-    the weight are finished in the forward; backward only scales them by the incoming gradient.
+    the weight are finished in the forward; backward hands them over, scaled by the incoming
+    gradient (or into `tied`, see `TiedGradient`).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, weights, ps, vocab_size, chunk_rows, with_grad):
-        compute = torch.promote_types(hidden.dtype, torch.float32)
-        per_rank = weight.size(0)
-        valid_here, local_label, not_here = _local_labels(labels, per_rank, ps, vocab_size)
-        loss = hidden.new_zeros((), dtype=compute)
-        grad_hidden = torch.empty_like(hidden) if with_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=compute, device=weight.device) if with_grad else None
-        for lo in range(0, hidden.size(0), chunk_rows):
-            rows = slice(lo, lo + chunk_rows)
-            h, w = hidden[rows], weights[rows]
-            logits = (h @ weight.t()).to(compute)
-            if valid_here < per_rank:  # padding columns take no part in the softmax
-                logits[:, valid_here:] = float("-inf")
-            label, away = local_label[rows].unsqueeze(-1), not_here[rows]
-            if ps.tp_size == 1:
-                # One kernel per row while the row is in cache; exp of it is the softmax.
-                logits = torch.log_softmax(logits, dim=-1)
-                loss -= (logits.gather(-1, label).squeeze(-1) * w).sum()
-                probs = logits.exp_()
-            else:  # the softmax spans every rank's columns
-                per_token, probs = _softmax_over_tp_(logits, local_label[rows], away, ps)
-                loss += (per_token * w).sum()
-            if not with_grad:
-                continue
-            # d(loss)/d(logits) = w * (softmax - onehot); onehot only where the label is here.
-            probs.scatter_add_(-1, label, -(~away).to(compute).unsqueeze(-1))
-            probs, w = probs.to(hidden.dtype), w.to(hidden.dtype).unsqueeze(-1)
-            grad_hidden[rows] = (probs @ weight) * w
-            if grad_weight.dtype == probs.dtype:
-                grad_weight.addmm_(probs.t(), h * w)
-            else:  # half-precision matmul, accumulated over the chunks in fp32
-                grad_weight.add_(probs.t() @ (h * w))
+    def forward(ctx, hidden, weight, labels, weights, ps, vocab_size, chunk_rows, with_grad, tied):
+        loss, grad_hidden, grad_weight = _head_and_loss(hidden, weight, labels, weights, ps,
+                                                        vocab_size, chunk_rows, with_grad)
         if with_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+            # On ctx, not saved: backward gives them away, and with no reference left here
+            # autograd may add into them or keep them as .grad instead of copying. A second
+            # backward (retain_graph) makes them again from the saved inputs.
+            ctx.grads = (grad_hidden, grad_weight)
+            ctx.save_for_backward(hidden, weight, labels, weights)
+            ctx.args, ctx.tied = (ps, vocab_size, chunk_rows), tied
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return (grad_hidden * grad_loss.to(grad_hidden.dtype),
-                grad_weight * grad_loss.to(grad_weight.dtype), None, None, None, None, None, None)
+        if ctx.grads is None:
+            _, *ctx.grads = _head_and_loss(*ctx.saved_tensors, *ctx.args, with_grad=True)
+        (grad_hidden, grad_weight), ctx.grads = ctx.grads, None
+        if not (grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
+            # Skipped when the incoming gradient is 1 (loss.backward() of this loss alone): on CPU
+            # the product is a fresh [V/tp, h] buffer whose page faults cost as much as a small
+            # GEMM. (On GPUs the check would sync the stream, and the product is cheap there.)
+            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+            grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
+        if ctx.tied is not None:  # the tied lookup's backward finishes and returns it
+            ctx.tied.grad, grad_weight = grad_weight, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, weight_shard: torch.Tensor,
                                         labels: torch.Tensor, loss_mask: torch.Tensor,
                                         ps: ParallelState, vocab_size: int | None = None,
-                                        chunk_rows: int | None = None):
+                                        chunk_rows: int | None = None,
+                                        tied: TiedGradient | None = None):
     """(mean cross entropy over `loss_mask`, number of loss tokens) of the head
     `hidden @ weight_shard.T`, without the full logits: the same value and gradients as
     `vocab_parallel_cross_entropy(parallel_lm_logits(hidden, weight_shard, ps), labels, ...)`
@@ -177,6 +206,8 @@ def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, weight_shard: torc
     (tied) output weight; labels: int [...], negative = ignored; loss_mask: [...], the weight of each
     token's loss before the division by its sum (a sum of 0 gives a loss of 0).
     chunk_rows: tokens per chunk (default: about FUSED_CHUNK_ELEMENTS logits per chunk).
+    tied: the `TiedGradient` of `weight_shard`'s input lookup (`VocabParallelEmbedding`) in this
+    forward, if the weight is tied: its backward then finishes the weight's gradient.
     """
     if labels.shape != hidden.shape[:-1] or loss_mask.shape != labels.shape:
         raise ValueError(f"labels {tuple(labels.shape)} and loss_mask {tuple(loss_mask.shape)} "
@@ -191,5 +222,5 @@ def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, weight_shard: torc
     rows = chunk_rows or max(1, FUSED_CHUNK_ELEMENTS // weight_shard.size(0))
     flat = copy_to_tp(hidden, ps).reshape(-1, hidden.size(-1))
     loss = _LinearCrossEntropy.apply(flat, weight_shard, labels.reshape(-1).long(), weights, ps,
-                                     vocab_size, rows, with_grad)
+                                     vocab_size, rows, with_grad, tied)
     return loss, n_tokens

@@ -89,6 +89,49 @@ class RowParallelLinear(nn.Module):
                 f"bias={self.bias is not None}, input_is_parallel={self.input_is_parallel}")
 
 
+class TiedGradient:
+    """One gradient buffer for a weight that is both a forward's input lookup and its output head.
+
+    The head's backward runs first (its input depends on the lookup's output). It leaves its dense
+    [V/tp, h] gradient here instead of returning it, and the lookup's backward adds its rows into
+    that buffer and returns it as the weight's whole gradient. Otherwise the lookup would make a
+    second table-sized buffer (zeros, then its rows) for autograd to add to the head's: on CPU
+    each fresh buffer's page faults cost more than the lookup itself. A forward makes its own.
+    """
+
+    __slots__ = ("grad",)
+
+    def __init__(self):
+        self.grad: torch.Tensor | None = None
+
+
+def tied_gradient(tied: bool) -> TiedGradient | None:
+    """A `TiedGradient` for one forward, or None where it has nothing to do: an untied weight, no
+    gradient, or inside torch.compile (a traced backward cannot hand a Python object along)."""
+    if not tied or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    return TiedGradient()
+
+
+class _TiedLookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids, weight, tied: TiedGradient):
+        ctx.save_for_backward(ids)
+        ctx.tied, ctx.rows = tied, weight.size(0)
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ids, = ctx.saved_tensors
+        buffer, ctx.tied.grad = ctx.tied.grad, None
+        if buffer is None:  # the head's backward did not run
+            buffer = grad.new_zeros(ctx.rows, grad.size(-1))
+        # index_put_ accumulates repeated ids in a fixed order on GPUs too (index_add_ would not).
+        buffer.index_put_((ids.reshape(-1),), grad.reshape(-1, grad.size(-1)).to(buffer.dtype),
+                          accumulate=True)
+        return None, buffer, None
+
+
 class VocabParallelEmbedding(nn.Module):
     """Embedding with the vocabulary split across TP ranks: rank r holds rows
     [r*V/tp, (r+1)*V/tp). Ids outside a rank's range contribute zeros there; the all-reduce sums
@@ -102,13 +145,20 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start, self.vocab_end = ps.tp_rank * rows, (ps.tp_rank + 1) * rows
         self.weight = _new_param(rows, embedding_dim, init=("normal", init_std), partition_dim=0)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, tied: TiedGradient | None = None) -> torch.Tensor:
+        """tied: this forward's `TiedGradient`, when the forward's output head
+        (`vocab_parallel_linear_cross_entropy`) is this table too."""
         if self.ps.tp_size == 1:
-            return F.embedding(ids, self.weight)
+            return self._lookup(ids, tied)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = (ids - self.vocab_start).masked_fill(outside, 0)
-        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        out = self._lookup(local, tied).masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_tp(out, self.ps)
+
+    def _lookup(self, ids: torch.Tensor, tied: TiedGradient | None) -> torch.Tensor:
+        if tied is None:
+            return F.embedding(ids, self.weight)
+        return _TiedLookup.apply(ids, self.weight, tied)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, tp_size={self.ps.tp_size}, "

@@ -221,6 +221,36 @@ def test_one_embedding_lookup_for_both_stacks_gives_the_two_lookup_results():
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13, msg=name)
 
 
+def test_biased_attention_gives_sdpas_loss_and_gradients(monkeypatch):
+    """On CPU the self-attention, whose bias (relative positions + mask) takes a gradient, runs
+    `_biased_attention` (the bias as the scores GEMM's accumulator, a plain softmax) instead of
+    SDPA's math path: the same loss and gradients, with encoder padding and two rows."""
+    from megatron_lite.models import t5
+    enc = ids(2, 10, 31)
+    enc[1, 7:] = make_cfg().pad_token_id
+    batch = dict(encoder_input_ids=enc, decoder_input_ids=ids(2, 6, 32), labels=ids(2, 6, 33),
+                 loss_mask=torch.ones(2, 6, dtype=torch.float64))
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return biased(*args)
+
+    def sdpa(q, k, v, bias):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+
+    results = []
+    for biased in (t5._biased_attention, sdpa):
+        monkeypatch.setattr(t5, "_biased_attention", counted)
+        model = make_model(make_cfg(), dtype=torch.float64).train()
+        loss, _ = model.loss(batch)
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    assert len(calls) == 2 * (2 + 3)  # every self-attention layer, in both runs
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=0)
+    for (name, _), g, w in zip(model.named_parameters(), results[0][1], results[1][1]):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13, msg=name)
+
+
 def test_activation_checkpointing_gives_the_same_gradients_with_dropout():
     cfg = make_cfg(hidden_dropout=0.2, attention_dropout=0.2)
     batch = dict(encoder_input_ids=ids(2, 10, 12), decoder_input_ids=ids(2, 6, 13),

@@ -5,8 +5,8 @@ over chunk boundaries, padding columns, ignored labels and masked tokens."""
 import pytest
 import torch
 
-from megatron_lite.parallel import (ParallelState, parallel_lm_logits,
-                                    vocab_parallel_cross_entropy,
+from megatron_lite.parallel import (ParallelState, TiedGradient, VocabParallelEmbedding,
+                                    parallel_lm_logits, vocab_parallel_cross_entropy,
                                     vocab_parallel_linear_cross_entropy)
 from megatron_lite.testing import run_distributed
 
@@ -41,14 +41,16 @@ def _loss_and_grads(fn, hidden, weight, labels, mask, ps, scale=1.7, **kw):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, dict(rtol=1e-10, atol=1e-12)),
                                         (torch.float32, dict(rtol=1e-5, atol=1e-6))])
-@pytest.mark.parametrize("chunk_rows", [1, 10, 37, 1000])
-def test_fused_head_matches_logits_then_cross_entropy(dtype, tol, chunk_rows):
+@pytest.mark.parametrize("chunk_rows, scale", [(1, 1.7), (10, 1.7), (37, 1.0), (1000, 1.7)])
+def test_fused_head_matches_logits_then_cross_entropy(dtype, tol, chunk_rows, scale):
+    # scale 1.0: backward hands over the gradients made in forward as they are (no product)
     ps = ParallelState.single()
     inputs = _inputs(dtype)
-    want = _loss_and_grads(_reference, *inputs, ps)
+    want = _loss_and_grads(_reference, *inputs, ps, scale=scale)
     got = _loss_and_grads(
         lambda *a: vocab_parallel_linear_cross_entropy(*a, vocab_size=VOCAB,
-                                                       chunk_rows=chunk_rows), *inputs, ps)
+                                                       chunk_rows=chunk_rows), *inputs, ps,
+        scale=scale)
     for name, w, g in zip(("loss", "n_tokens", "hidden grad", "weight grad"), want, got):
         torch.testing.assert_close(g, w, **tol, msg=lambda m: f"{name}: {m}")
     assert got[3][VOCAB:].abs().max() == 0  # padding rows get no gradient
@@ -66,16 +68,45 @@ def test_no_grad_gives_the_loss_and_a_mask_of_zeros_gives_zero():
     assert zero[0] == 0 and zero[1] == 0 and zero[2].abs().max() == 0 and zero[3].abs().max() == 0
 
 
+@pytest.mark.parametrize("scale, twice", [(1.0, False), (1.7, False), (1.0, True)])
+def test_tied_lookup_and_head_give_the_gradient_autograd_sums(scale, twice):
+    """With a TiedGradient the head leaves its weight gradient for the lookup's backward, which
+    adds its rows into it: the weight gradient autograd makes by adding the two, also when
+    backward runs twice (retain_graph: the head makes its gradient again)."""
+    ps = ParallelState.single()
+    _, weight, labels, mask = _inputs(torch.float64)
+    ids = torch.randint(0, VOCAB, (B, S), generator=torch.Generator().manual_seed(3))
+    ids[0, :4] = 7  # a repeated id: its rows add up
+    table = VocabParallelEmbedding(PADDED, H, ps).double()
+    with torch.no_grad():
+        table.weight.copy_(weight)
+
+    def weight_grad(tied):
+        table.weight.grad = None
+        hidden = torch.tanh(table(ids, tied))
+        loss, _ = vocab_parallel_linear_cross_entropy(hidden, table.weight, labels, mask, ps,
+                                                      vocab_size=VOCAB, tied=tied)
+        (loss * scale).backward(retain_graph=twice)
+        if twice:
+            (loss * scale).backward()
+        return table.weight.grad
+
+    want = weight_grad(None)
+    torch.testing.assert_close(weight_grad(TiedGradient()), want, rtol=1e-12, atol=1e-14)
+
+
 def test_backward_twice_with_retain_graph_accumulates_the_same_gradient():
     ps = ParallelState.single()
     hidden, weight, labels, mask = _inputs(torch.float64)
     hidden.requires_grad_()
+    weight.requires_grad_()
     loss, _ = vocab_parallel_linear_cross_entropy(hidden, weight, labels, mask, ps,
                                                   vocab_size=VOCAB)
     loss.backward(retain_graph=True)
-    once = hidden.grad.clone()
+    once = hidden.grad.clone(), weight.grad.clone()
     loss.backward()
-    torch.testing.assert_close(hidden.grad, 2 * once)
+    torch.testing.assert_close(hidden.grad, 2 * once[0])
+    torch.testing.assert_close(weight.grad, 2 * once[1])
 
 
 def test_bad_input_is_a_clear_error():

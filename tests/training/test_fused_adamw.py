@@ -1,5 +1,7 @@
 """The engine's AdamW is torch's fused kernel, on the plain path and under ZeRO, and it trains as
-the for-loop AdamW does: the same losses and parameters up to rounding."""
+the for-loop AdamW does: the same losses and parameters up to rounding. On one data-parallel rank
+the plain path skips DeepSpeed's gradient all-reduce, and trains bit for bit as with it."""
+import functools
 import os
 
 import torch
@@ -30,26 +32,38 @@ def _train(rank, world, ds_json):
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(4, 8, generator=g), torch.randn(4, 1, generator=g))] * 5
     out = {}
-    for stage in ("zero0", "zero1"):
-        for fused in (True, False):
-            ds = build_deepspeed_config(tcfg, 1, os.path.join(ds_json, f"{stage}.json"))
-            ds["optimizer"]["params"]["fused"] = fused
-            engine, _ = build_engine(Regression(), ds, ps, "torch")
-            inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-            losses = []
-            for x, y in batches:
-                loss = engine(x, y)
-                engine.backward(loss)
-                engine.step()
-                losses.append(loss.item())
-            params = torch.cat([p.detach().reshape(-1) for p in engine.module.parameters()])
-            out[stage, fused] = (bool(inner.defaults.get("fused")), losses, params)
-            engine.destroy()
+    # (stage, fused AdamW, DeepSpeed's gradient all-reduce forced on after build_engine)
+    for stage, fused, force_allreduce in (("zero0", True, False), ("zero0", False, False),
+                                          ("zero1", True, False), ("zero1", False, False),
+                                          ("zero0", True, True)):
+        ds = build_deepspeed_config(tcfg, 1, os.path.join(ds_json, f"{stage}.json"))
+        ds["optimizer"]["params"]["fused"] = fused
+        engine, _ = build_engine(Regression(), ds, ps, "torch")
+        allreduce = engine.enable_backward_allreduce
+        if force_allreduce:
+            engine.enable_backward_allreduce = allreduce = True
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        losses = []
+        for x, y in batches:
+            loss = engine(x, y)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        params = torch.cat([p.detach().reshape(-1) for p in engine.module.parameters()])
+        out[stage, fused, force_allreduce] = (bool(inner.defaults.get("fused")), losses, params,
+                                              allreduce)
+        engine.destroy()
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _runs():
+    return run_distributed(_train, 1, os.path.join(ROOT, "configs", "deepspeed"))[0]
+
+
 def test_engine_adamw_is_fused_and_trains_as_the_for_loop_one():
-    got = run_distributed(_train, 1, os.path.join(ROOT, "configs", "deepspeed"))[0]
+    got = {(stage, fused): run[:3] for (stage, fused, forced), run in _runs().items()
+           if not forced}
     initial = torch.cat([p.detach().reshape(-1) for p in Regression().parameters()])
     for stage in ("zero0", "zero1"):
         fused_flag, fused_losses, fused_params = got[stage, True]
@@ -60,3 +74,14 @@ def test_engine_adamw_is_fused_and_trains_as_the_for_loop_one():
         torch.testing.assert_close(torch.tensor(fused_losses), torch.tensor(loop_losses),
                                    rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(fused_params, loop_params, rtol=1e-5, atol=1e-6)
+
+
+def test_one_rank_plain_path_skips_the_all_reduce_and_trains_the_same():
+    """With one data-parallel rank DeepSpeed's gradient all-reduce is two model-sized copies and
+    a reduce over one rank: build_engine turns it off on the plain path (ZeRO keeps its own), and
+    training comes out bit for bit as with it on."""
+    runs = _runs()
+    skipped, forced = runs["zero0", True, False], runs["zero0", True, True]
+    assert skipped[3] is False and forced[3] is True and runs["zero1", True, False][3] is True
+    assert skipped[1] == forced[1]
+    assert torch.equal(skipped[2], forced[2])
