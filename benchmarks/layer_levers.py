@@ -327,10 +327,10 @@ def render(rows: list[dict], args, argv: list[str], started, load: float) -> str
         lines.append(f"| `{r['key']}`: {r['title']} | {r['off_ms']:.1f} | {r['on_ms']:.1f} | "
                      f"{r['speedup']:.3f} ({r['spread'][0]:.3f}–{r['spread'][1]:.3f}) | "
                      f"{verdict(r['speedup'])} | {r['ours']} |")
-    if any(r["key"] == "compiled_layer" for r in rows):
-        r = next(r for r in rows if r["key"] == "compiled_layer")
+    compiled = next((r for r in rows if r["key"] == "compiled_layer"), None)
+    if compiled is not None:
         lines += ["", f"The compiled lever's first call (tracing and {args.compile_backend}'s "
-                  f"compile) took {r['first_s']:.1f} s."]
+                  f"compile) took {compiled['first_s']:.1f} s."]
     return "\n".join(lines)
 
 

@@ -204,8 +204,7 @@ def probe(args) -> dict:
     batch = make_batch(model.cfg, n, args.seed)
     for step in range(2):
         train_step(model, batch, step)
-    return {"baseline": baseline,
-            "peak": peak_rss_bytes()}
+    return {"baseline": baseline, "peak": peak_rss_bytes()}
 
 
 def run_probe(args, key: str, n: int) -> dict:
