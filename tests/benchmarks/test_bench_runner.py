@@ -9,6 +9,7 @@ reshard (tests/checkpoint/test_reshard_benchmark.py). Here their registered quic
 parsed; the other sections run their quick mode through run.py, as `make bench-quick` does."""
 import importlib
 import os
+import signal
 
 import pytest
 
@@ -78,6 +79,18 @@ def test_failing_or_missing_sections_are_reported(tmp_path, monkeypatch, capsys)
     assert "fine: ok" in out and "bare: FAILED" in out and "broken: FAILED" in out
     assert "failed: bare, broken" in out and "broken on purpose" in out  # the log's tail
     assert "no `- Command: `python benchmarks/bare.py` line" in out
+
+    # Killed by a signal when forked (a native crash after the fork): rerun in a plain process.
+    (tmp_path / "crashy.py").write_text(
+        "import multiprocessing, os, signal\n"
+        "if multiprocessing.parent_process() is not None:\n"
+        "    os.kill(os.getpid(), signal.SIGSEGV)\n" + FINE)
+    monkeypatch.setitem(bench.SECTIONS, "crashy", bench.Section(str(tmp_path / "crashy.py"),
+                                                                (), 0.01, (), 1))
+    assert bench.main(["--quick", "--section", "crashy", "--log-dir", logs, "--no-progress"]) == 0
+    assert "crashy: ok" in capsys.readouterr().out
+    with open(os.path.join(logs, "crashy_quick.log")) as f:
+        assert f"ended by signal {int(signal.SIGSEGV)}" in f.read()
 
     monkeypatch.setitem(bench.SECTIONS, "gone", bench.Section("no_such_script.py", (), 1, (), 1))
     with pytest.raises(SystemExit) as err:
