@@ -79,18 +79,23 @@ def test_failing_or_missing_sections_are_reported(tmp_path, monkeypatch, capsys)
     assert "fine: ok" in out and "bare: FAILED" in out and "broken: FAILED" in out
     assert "failed: bare, broken" in out and "broken on purpose" in out  # the log's tail
     assert "no `- Command: `python benchmarks/bare.py` line" in out
+    with open(os.path.join(logs, "broken_quick.log")) as f:  # it failed on its own too
+        assert "the forked run exited with status 1; running it again" in f.read()
 
-    # Killed by a signal when forked (a native crash after the fork): rerun in a plain process.
-    (tmp_path / "crashy.py").write_text(
-        "import multiprocessing, os, signal\n"
-        "if multiprocessing.parent_process() is not None:\n"
-        "    os.kill(os.getpid(), signal.SIGSEGV)\n" + FINE)
-    monkeypatch.setitem(bench.SECTIONS, "crashy", bench.Section(str(tmp_path / "crashy.py"),
+    # Killed by a signal, or failing silently, when forked only: rerun in a plain process.
+    segv = int(signal.SIGSEGV)
+    for name, failure, logged in (
+            ("crashy", "os.kill(os.getpid(), signal.SIGSEGV)", f"ended by signal {segv}"),
+            ("quitter", "os._exit(3)", "exited with status 3")):
+        (tmp_path / f"{name}.py").write_text(
+            "import multiprocessing, os, signal\n"
+            f"if multiprocessing.parent_process() is not None:\n    {failure}\n" + FINE)
+        monkeypatch.setitem(bench.SECTIONS, name, bench.Section(str(tmp_path / f"{name}.py"),
                                                                 (), 0.01, (), 1))
-    assert bench.main(["--quick", "--section", "crashy", "--log-dir", logs, "--no-progress"]) == 0
-    assert "crashy: ok" in capsys.readouterr().out
-    with open(os.path.join(logs, "crashy_quick.log")) as f:
-        assert f"ended by signal {int(signal.SIGSEGV)}" in f.read()
+        assert bench.main(["--quick", "--section", name, "--log-dir", logs, "--no-progress"]) == 0
+        assert f"{name}: ok" in capsys.readouterr().out
+        with open(os.path.join(logs, f"{name}_quick.log")) as f:
+            assert f"the forked run {logged}; running it again" in f.read()
 
     monkeypatch.setitem(bench.SECTIONS, "gone", bench.Section("no_such_script.py", (), 1, (), 1))
     with pytest.raises(SystemExit) as err:
