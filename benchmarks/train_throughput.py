@@ -57,7 +57,7 @@ from torch import nn  # noqa: E402
 
 from megatron_lite.models import get_model_spec, model_names  # noqa: E402
 from megatron_lite.parallel import ParallelState, RNGContext, initialize_parameters  # noqa: E402
-from megatron_lite.parallel.launch import free_port  # noqa: E402
+from megatron_lite.parallel.launch import free_port, keep_freed_memory  # noqa: E402
 from megatron_lite.training.config import (TrainingConfig, build_deepspeed_config,  # noqa: E402
                                            parse_config)
 from megatron_lite.training.engine import build_engine  # noqa: E402
@@ -428,7 +428,8 @@ def _memory_probe(v: Variant, data, tcfg: TrainingConfig, ds_path: str, micro_ba
                   threads: int, seed: int, steps: int) -> tuple[int, int]:
     """(RSS before building, RSS high-water mark after `steps` steps) of `v`, in bytes.
 
-    Runs in a fresh process."""
+    Runs in a fresh process, set up as the parent."""
+    keep_freed_memory()
     torch.set_num_threads(threads)
     # Every probe of a model imports the same packages, so the baselines agree.
     _quiet(get_model_spec(v.model_name).benchmark_peer is not None)
@@ -608,6 +609,11 @@ def render(rows: list[dict], args, argv: list[str], ds_path: str, tcfg: Training
         f"fp32, torch AdamW (fused), gradient clipping {tcfg.clip_grad}; micro-batch "
         f"{args.micro_batch_size}, {_lengths(cfg, data, args)}, {args.warmup} warm-up step(s), "
         f"{args.steps} timed round(s) per model",
+        "- Allocator: glibc malloc " + (
+            "keeping freed memory for reuse, as the trainer sets it up on CPU "
+            "(`megatron_lite.parallel.launch.keep_freed_memory`)" if args.kept_freed_memory else
+            "with its defaults (MEGATRON_LITE_KEEP_FREED_MEMORY=0, a MALLOC_* variable or another "
+            "allocator: the trainer would leave it so too)"),
         "",
         "| " + " | ".join(cols) + " |",
         "|---|---|---|" + "---:|" * (len(cols) - 3),
@@ -700,6 +706,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     started = datetime.datetime.now(datetime.timezone.utc)
     load_start = os.getloadavg()[0]
+    # The trainer's process setup on CPU (`init_distributed`), for every row alike.
+    args.kept_freed_memory = keep_freed_memory()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     _quiet(get_model_spec(args.model).benchmark_peer is not None)

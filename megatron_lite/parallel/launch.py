@@ -1,4 +1,5 @@
-"""Process setup shared by every entry point: the torch.distributed world and thread counts.
+"""Process setup shared by every entry point: the torch.distributed world, thread counts and, on
+CPU, the allocator.
 
 `init_distributed()` joins the world a launcher (deepspeed, torchrun, our test harness) describes
 in RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, or makes a one-rank world when none does, so a
@@ -6,6 +7,7 @@ plain `python pretrain_gpt.py ...` and a 64-rank launch run the same code.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import socket
@@ -25,6 +27,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_OTHER_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")
+
+
+def keep_freed_memory() -> bool:
+    """On a CPU-only machine, have glibc's malloc keep the memory a step frees for the next step,
+    instead of handing it back to the kernel; True if it now does.
+
+    A training step allocates and frees the same large buffers every time (activations, weight
+    gradients, logits). By default glibc maps each request above its mmap threshold (32 MB at
+    most) afresh and returns the free top of its heap, so the next step touches new pages and
+    takes a page fault per 4 KB. On the 2-core VM of BENCHMARKS.md that was a third of a tiny
+    GPT's step. With no mmaps and no trimming, freed memory is reused, as GPU caching allocators
+    do; it stays with the process until it exits, and peaks can grow a little (a freed block
+    does not always fit the next request). PyTorch's CPU launcher, `torch.backends.xeon.run_cpu`,
+    preloads tcmalloc or jemalloc for the same reason.
+
+    Left alone when CUDA is available (device memory has its own caching allocator), outside
+    glibc, when another allocator is preloaded, when the user tunes glibc (any MALLOC_*
+    variable), and with MEGATRON_LITE_KEEP_FREED_MEMORY=0."""
+    if torch.cuda.is_available() or os.environ.get("MEGATRON_LITE_KEEP_FREED_MEMORY") == "0":
+        return False
+    if any(name.startswith("MALLOC_") for name in os.environ):
+        return False
+    if any(name in os.environ.get("LD_PRELOAD", "") for name in _OTHER_ALLOCATORS):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc only: other C libraries read mallopt's codes otherwise
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    # mallopt returns 1 on success; a trim threshold of -1 turns trimming off (man 3 mallopt).
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))
+
+
 def init_distributed() -> bool:
     """Initialise torch.distributed (gloo on CPU) unless a caller already did; True if we did.
 
@@ -39,6 +78,7 @@ def init_distributed() -> bool:
                 "\"Launching\")")
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
+    keep_freed_memory()
     import deepspeed
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False, verbose=False)

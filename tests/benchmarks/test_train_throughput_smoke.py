@@ -62,6 +62,7 @@ def test_smoke_run_reports_every_row(model, tmp_path, capsys):
     section, begin, end = tt.section_markers(model)
     assert "kept" in text and section in text and begin in text and end in text
     assert f"--model {model}" in text and "- Machine: " in text and "UTC" in text
+    assert "- Allocator: glibc malloc " in text  # the rows ran under the trainer's process setup
     if peer:
         assert len({r["params"] for r in rows}) == 1  # the peer has our shape
         assert rows[keys.index("hf")]["ours_over_theirs"] == 1.0
