@@ -183,8 +183,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         (grad_hidden, grad_weight), ctx.grads = ctx.grads, None
         if not (grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
             # Skipped when the incoming gradient is 1 (loss.backward() of this loss alone): on CPU
-            # the product is a fresh [V/tp, h] buffer whose page faults cost as much as a small
-            # GEMM. (On GPUs the check would sync the stream, and the product is cheap there.)
+            # the product is a pass over a fresh [V/tp, h] buffer (with page faults on glibc's
+            # default allocator). (On GPUs the check would sync the stream; the product is cheap.)
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
             grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
         if ctx.tied is not None:  # the tied lookup's backward finishes and returns it

@@ -95,8 +95,9 @@ class TiedGradient:
     The head's backward runs first (its input depends on the lookup's output). It leaves its dense
     [V/tp, h] gradient here instead of returning it, and the lookup's backward adds its rows into
     that buffer and returns it as the weight's whole gradient. Otherwise the lookup would make a
-    second table-sized buffer (zeros, then its rows) for autograd to add to the head's: on CPU
-    each fresh buffer's page faults cost more than the lookup itself. A forward makes its own.
+    second table-sized buffer (zeros, then its rows) for autograd to add to the head's: a fill
+    and an add over the whole table, which cost more than the lookup itself (and, on glibc's
+    default allocator, the fresh buffer's page faults). A forward makes its own.
     """
 
     __slots__ = ("grad",)
