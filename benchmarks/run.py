@@ -65,10 +65,10 @@ SECTIONS = {
          "--rounds", "1", "--min-time", "0.01", "--micro-batch-size", "2", "--work-dir", "{tmp}"),
         5),
     "train_throughput": Section(
-        "train_throughput.py", ("--model", "gpt", "--shapes", "tiny", "linglong-106m",
-                                "--seq-length", "1024", "--micro-batch-size", "1", "--warmup", "1",
-                                "--steps", "7", *OUT),
-        6, ("--model", "gpt", *QUICK_THROUGHPUT), 3),
+        "train_throughput.py", ("--model", "gpt", "--shapes", "tiny", "small", "linglong-106m",
+                                "--seq-length", "1024", "256", "1024", "--micro-batch-size", "1",
+                                "8", "1", "--warmup", "1", "--steps", "7", *OUT),
+        7, ("--model", "gpt", *QUICK_THROUGHPUT), 3),
     # torch.compile, a run of its own (compiled rows slow the other rows of their process). The
     # quick check traces through dynamo and AOT autograd without inductor's code generation (a
     # minute with its cache cold); tests/training/test_compile.py covers inductor.

@@ -136,11 +136,13 @@ def parse_args(argv):
     p.add_argument("--shapes", nargs="+", default=None,
                    help="configs/<model>/<name>.yaml names or YAML paths (their model: section); "
                         "default: the model's preset list")
-    p.add_argument("--seq-length", type=int, default=None,
-                   help="tokens per sample (T5: encoder tokens); default: the model's preset")
+    p.add_argument("--seq-length", type=int, nargs="+", default=None,
+                   help="tokens per sample (T5: encoder tokens): one value for every shape, or "
+                        "one per shape; default: the model's preset")
     p.add_argument("--decoder-seq-length", type=int, default=None,
                    help="decoder tokens per sample, for an encoder-decoder (T5: 128 by default)")
-    p.add_argument("--micro-batch-size", type=int, default=1, help="samples per step")
+    p.add_argument("--micro-batch-size", type=int, nargs="+", default=[1],
+                   help="samples per step: one value for every shape, or one per shape")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per model")
     p.add_argument("--steps", type=int, default=5, help="timed rounds (one step per model each)")
     p.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3],
@@ -177,12 +179,23 @@ def parse_args(argv):
         p.error(f"--hf-activation: the {args.model} peer has no activation choice; drop the flag")
     preset = MODELS.get(args.model, {})
     args.shapes = args.shapes or preset.get("shapes", ["tiny"])
-    args.seq_length = args.seq_length or preset.get("seq_length")
     args.decoder_seq_length = args.decoder_seq_length or preset.get("decoder_seq_length")
-    for name in ("seq_length", "decoder_seq_length", "micro_batch_size", "steps", "threads"):
+    for name in ("seq_length", "micro_batch_size"):  # one value per shape
+        values = getattr(args, name) or [preset.get(name)]
+        if len(values) not in (1, len(args.shapes)):
+            p.error(f"--{name.replace('_', '-')}: {len(values)} values for {len(args.shapes)} "
+                    "shapes; give one value for every shape, or one per shape")
+        setattr(args, name + "s", values * len(args.shapes) if len(values) == 1 else values)
+    for name in ("seq_lengths", "micro_batch_sizes"):
+        for value in getattr(args, name):
+            if value is not None and value < 1:
+                p.error(f"--{name[:-1].replace('_', '-')} must be >= 1, got {value}")
+    for name in ("decoder_seq_length", "steps", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    # The first shape's values; `for_shape` gives each shape's own.
+    args.seq_length, args.micro_batch_size = args.seq_lengths[0], args.micro_batch_sizes[0]
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.compile and args.warmup < 1:
@@ -192,6 +205,12 @@ def parse_args(argv):
 
 
 # ---------------------------------------------------------------------------- shapes
+def for_shape(args, index: int) -> argparse.Namespace:
+    """`args` with the sequence length and micro-batch size of the index-th shape of --shapes."""
+    return argparse.Namespace(**{**vars(args), "seq_length": args.seq_lengths[index],
+                                 "micro_batch_size": args.micro_batch_sizes[index]})
+
+
 def load_shape(model: str, shape: str, args) -> tuple[Any, Any]:
     """(model config, data config) of configs/<model>/<shape>.yaml at the run's lengths, dropout
     off, the position table long enough."""
@@ -585,14 +604,20 @@ def _lengths(cfg, data, args) -> str:
 
 
 def render(rows: list[dict], args, argv: list[str], ds_path: str, tcfg: TrainingConfig,
-           peak: float, started: datetime.datetime, load: tuple[float, float], cfg, data) -> str:
+           peak: float, started: datetime.datetime, load: tuple[float, float],
+           shapes: list[tuple]) -> str:
+    """The section's block; `shapes`: (name, its args, model config, data config) per shape."""
     spec = get_model_spec(args.model)
     failures = [r for r in rows if "failed" in r]
     rows = [r for r in rows if "failed" not in r]
     peak_source = "--peak-flops" if args.peak_flops else "best of 5 fp32 4096³ matmuls, cached"
     has_peer = any(r["key"] == "hf" for r in rows)
     sparse = any(r["key"] == "ours-sparse" for r in rows)
-    decoder = getattr(data, "decoder_seq_length", None) is not None
+    decoder = getattr(shapes[0][3], "decoder_seq_length", None) is not None
+    setups = [f"micro-batch {a.micro_batch_size}, {_lengths(cfg, data, a)}"
+              for _, a, cfg, data in shapes]
+    if len(set(setups)) > 1:
+        setups = [f"{name}: {setup}" for (name, *_), setup in zip(shapes, setups)]
     cols = ["shape", "model", "attention", "params", "step s, median (min–max)", "CPU s / step",
             "tokens/s (enc+dec)" if decoder else "tokens/s", "MFU", "MFU by CPU time"]
     cols += ["MFU, dense count"] if sparse else []
@@ -606,8 +631,8 @@ def render(rows: list[dict], args, argv: list[str], ds_path: str, tcfg: Training
                     "on."),
         f"- Peak: {peak / 1e9:.1f} GFLOP/s fp32 ({peak_source})",
         f"- Engine: DeepSpeed, {os.path.relpath(ds_path, ROOT)} (ZeRO stage {args.zero_stage}), "
-        f"fp32, torch AdamW (fused), gradient clipping {tcfg.clip_grad}; micro-batch "
-        f"{args.micro_batch_size}, {_lengths(cfg, data, args)}, {args.warmup} warm-up step(s), "
+        f"fp32, torch AdamW (fused), gradient clipping {tcfg.clip_grad}; "
+        f"{'; '.join(dict.fromkeys(setups))}; {args.warmup} warm-up step(s), "
         f"{args.steps} timed round(s) per model",
         "- Allocator: glibc malloc " + (
             "keeping freed memory for reuse, as the trainer sets it up on CPU "
@@ -695,14 +720,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not os.path.isfile(ds_path):
         raise SystemExit(f"--zero-stage {args.zero_stage}: engine config {ds_path} is missing")
     # Read every shape first: a typo should fail now, not after the first shape's run.
-    shapes = {shape: load_shape(args.model, shape, args) for shape in args.shapes}
-    first_cfg, first_data = next(iter(shapes.values()))
+    shapes = []
+    for index, shape in enumerate(args.shapes):
+        shape_args = for_shape(args, index)
+        shapes.append((shape, shape_args, *load_shape(args.model, shape, shape_args)))
+    _, _, first_cfg, first_data = shapes[0]
     make_batch(args.model, 0, first_cfg, first_data, 1, args.seed)  # an objective without a maker
-    steps_total = args.warmup + args.steps + 2
-    # One micro-batch per step on one rank; a constant LR, so no schedule runs out mid-benchmark.
-    tcfg = TrainingConfig(micro_batch_size=args.micro_batch_size,
-                          global_batch_size=args.micro_batch_size, train_iters=steps_total,
-                          lr_decay_style="constant", seed=args.seed)
+
+    def training_config(micro_batch_size: int) -> TrainingConfig:
+        # One micro-batch per step on one rank; a constant LR, so no schedule runs out.
+        return TrainingConfig(micro_batch_size=micro_batch_size,
+                              global_batch_size=micro_batch_size,
+                              train_iters=args.warmup + args.steps + 2,
+                              lr_decay_style="constant", seed=args.seed)
 
     started = datetime.datetime.now(datetime.timezone.utc)
     load_start = os.getloadavg()[0]
@@ -717,8 +747,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         peak = peak_flops_per_rank(torch.float32, override=args.peak_flops)
         ps = ParallelState.from_world(1)
         rows = []
-        for shape, (cfg, data) in shapes.items():
-            rows += bench_shape(shape, cfg, data, args, tcfg, ds_path, ps, peak)
+        for shape, shape_args, cfg, data in shapes:
+            rows += bench_shape(shape, cfg, data, shape_args,
+                                training_config(shape_args.micro_batch_size), ds_path, ps, peak)
     finally:
         if owns_dist:
             dist.destroy_process_group()
@@ -728,8 +759,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 else:
                     os.environ[key] = value
         torch.set_num_threads(previous_threads)
-    block = render(rows, args, argv, ds_path, tcfg, peak, started,
-                   (load_start, os.getloadavg()[0]), first_cfg, first_data)
+    block = render(rows, args, argv, ds_path, training_config(1), peak, started,
+                   (load_start, os.getloadavg()[0]), shapes)
     print(block)
     if args.out:
         update_markdown(args.out, block, args.model, args.compile)

@@ -28,7 +28,7 @@ def _softmax_over_tp_(logits, local_label, not_here, ps: ParallelState):
     the global max, then the target logit and the sum of exps, reduced over TP. `logits` (this
     rank's columns, fp32 or wider) is overwritten by the softmax."""
     # Subtracting the global max keeps exp() in range; any shift gives the same loss.
-    max_logit = logits.max(dim=-1, keepdim=True).values
+    max_logit = logits.amax(dim=-1, keepdim=True)  # (max() would also find the indices: slower)
     if ps.tp_size > 1:
         dist.all_reduce(max_logit, op=dist.ReduceOp.MAX, group=ps.require_tp_group())
     shifted = logits.sub_(max_logit)
@@ -106,10 +106,13 @@ def gather_full_logits(logits_shard: torch.Tensor, ps: ParallelState, vocab_size
     return full if vocab_size is None else full[..., :vocab_size]
 
 
-# Logits per chunk of the fused head (16 MB in fp32; 315 tokens at a 13k vocabulary). Each chunk
-# adds its share to the whole weight gradient, a pass over [V/tp, h]: chunks of a few dozen tokens
-# made a tiny GPT's step 30% slower.
-FUSED_CHUNK_ELEMENTS = 2 ** 22
+# Tokens per chunk of the fused head. The chunk's token count is the inner dimension of the
+# weight-gradient GEMM and the outer one of the logits GEMM, and CPU GEMMs run below their peak
+# when it is small: with chunks of 315 tokens the head of a 256-wide model over 2,048 tokens and
+# 13,312 words was 1.11x slower than with 1,024-token chunks (2 threads; 1.06x on one), and the
+# whole step 5% slower. A chunk's logits are a [1024, V/tp] buffer (54 MB at LingLong's
+# vocabulary in fp32); at TP=1 its softmax is a second one, and the first is freed.
+FUSED_CHUNK_TOKENS = 1024
 
 
 def _head_and_loss(hidden, weight, labels, weights, ps, vocab_size, chunk_rows, with_grad):
@@ -129,13 +132,17 @@ def _head_and_loss(hidden, weight, labels, weights, ps, vocab_size, chunk_rows, 
             logits[:, valid_here:] = float("-inf")
         label, away = local_label[rows].unsqueeze(-1), not_here[rows]
         if ps.tp_size == 1:
-            # One kernel per row while the row is in cache; exp of it is the softmax.
-            logits = torch.log_softmax(logits, dim=-1)
-            loss -= (logits.gather(-1, label).squeeze(-1) * w).sum()
-            probs = logits.exp_()
-        else:  # the softmax spans every rank's columns
+            # torch's softmax kernel takes half the time of the sharded path's five passes. The
+            # loss is lse - target, and lse = max - log(largest probability), which is at least
+            # 1/V: no underflow.
+            target = logits.gather(-1, label).squeeze(-1)
+            top = logits.amax(dim=-1)
+            probs = torch.softmax(logits, dim=-1)
+            del logits  # the chunk's logits, before the GEMMs below make their outputs
+            per_token = top - probs.amax(dim=-1).log() - target
+        else:  # the softmax spans every rank's columns; the chunk's buffer becomes it
             per_token, probs = _softmax_over_tp_(logits, local_label[rows], away, ps)
-            loss += (per_token * w).sum()
+        loss += (per_token * w).sum()
         if not with_grad:
             continue
         # d(loss)/d(logits) = w * (softmax - onehot); onehot only where the label is here.
@@ -156,7 +163,7 @@ def _head_and_loss(hidden, weight, labels, weights, ps, vocab_size, chunk_rows, 
 class _LinearCrossEntropy(torch.autograd.Function):
     """The output head and a masked mean cross entropy in one pass over chunks of tokens.
 
-    The full [tokens, V/tp] logits never exist: each chunk's logits are made, turned into that
+    One chunk's [chunk, V/tp] logits exist at a time: each chunk's logits are made, turned into that
     chunk's losses and its gradient (softmax - onehot), and dropped. Because the loss is one mean
     with weights known up front (loss_mask / its sum), the gradients of the hidden states and of
     the weight are finished in the forward; backward hands them over, scaled by the incoming
@@ -205,7 +212,7 @@ def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, weight_shard: torc
     hidden: [..., h], replicated over TP; weight_shard: [V_padded/tp, h], this rank's rows of the
     (tied) output weight; labels: int [...], negative = ignored; loss_mask: [...], the weight of each
     token's loss before the division by its sum (a sum of 0 gives a loss of 0).
-    chunk_rows: tokens per chunk (default: about FUSED_CHUNK_ELEMENTS logits per chunk).
+    chunk_rows: tokens per chunk (default FUSED_CHUNK_TOKENS).
     tied: the `TiedGradient` of `weight_shard`'s input lookup (`VocabParallelEmbedding`) in this
     forward, if the weight is tied: its backward then finishes the weight's gradient.
     """
@@ -219,7 +226,7 @@ def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, weight_shard: torc
     n_tokens = mask.sum()
     weights = (mask / n_tokens.clamp(min=1)).masked_fill(labels < 0, 0.0).reshape(-1)
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight_shard.requires_grad)
-    rows = chunk_rows or max(1, FUSED_CHUNK_ELEMENTS // weight_shard.size(0))
+    rows = chunk_rows or FUSED_CHUNK_TOKENS
     flat = copy_to_tp(hidden, ps).reshape(-1, hidden.size(-1))
     loss = _LinearCrossEntropy.apply(flat, weight_shard, labels.reshape(-1).long(), weights, ps,
                                      vocab_size, rows, with_grad, tied)

@@ -170,3 +170,34 @@ def test_each_round_starts_one_row_later(monkeypatch):
     wall, cpu, first, failed = tt.timed_rounds("tiny", todo, {k: None for k in "ABC"}, None, args)
     assert "".join(order) == "ABC" + "ABC" + "BCA" + "CAB"  # warm-up, then three rounds
     assert all(len(wall[k]) == 3 for k in "ABC") and not failed
+
+
+def test_each_shape_runs_at_its_own_length_and_micro_batch(tmp_path, capsys):
+    """--seq-length and --micro-batch-size take one value per shape (issue 17 compares GPT-2 at
+    256 tokens x 8 and at 1,024 x 1 in one section), or one value for every shape."""
+    one = tt.parse_args(["--model", "gpt", "--shapes", "tiny", "small", "--seq-length", "32"])
+    assert (one.seq_lengths, one.micro_batch_sizes) == ([32, 32], [1, 1])
+    with pytest.raises(SystemExit):
+        tt.parse_args(["--model", "gpt", "--shapes", "tiny", "small", "--seq-length", "8", "16",
+                       "32"])
+    assert "3 values for 2 shapes" in capsys.readouterr().err
+
+    out = tmp_path / "BENCHMARKS.md"
+    argv = ["--model", "gpt", "--shapes", "tiny", "small", "--seq-length", "32", "16",
+            "--micro-batch-size", "1", "3", "--warmup", "0", "--steps", "1", "--threads", "1",
+            "--peak-flops", "1e11", "--no-memory", "--out", str(out)]
+    args = tt.parse_args(argv)
+    setups = [(tt.for_shape(args, i), shape) for i, shape in enumerate(args.shapes)]
+    assert [(a.seq_length, a.micro_batch_size) for a, _ in setups] == [(32, 1), (16, 3)]
+    rows = tt.main(argv)
+    spec = get_model_spec("gpt")
+    for shape_args, shape in setups:
+        cfg, data = tt.load_shape("gpt", shape, shape_args)
+        assert data.seq_length == shape_args.seq_length
+        ours = next(r for r in rows if r["shape"] == shape and r["key"] == "ours")
+        tokens, _ = spec.sample_cost(cfg, data)
+        assert math.isclose(ours["tokens_per_s"],
+                            shape_args.micro_batch_size * tokens / ours["step_s"], rel_tol=1e-9)
+    text = out.read_text(encoding="utf-8")
+    assert "tiny: micro-batch 1, sequence 32; small: micro-batch 3, sequence 16;" in text
+    assert "- Goal, tiny: " in text and "- Goal, small: " in text
