@@ -110,7 +110,7 @@ SECTIONS = {
                                    QUICK_WORK, 12),
     "transformer_xl_learning": Section("transformer_xl_learning.py", OUT, 55, QUICK_WORK, 7),
     "sparse_attention": Section("sparse_attention.py", OUT, 15, ("--quick", "--threads", "1"), 4),
-    "layer_levers": Section("layer_levers.py", OUT, 2, ("--quick",), 4),
+    "layer_levers": Section("layer_levers.py", OUT, 3, ("--quick",), 4),
     "longnet_attention": Section("longnet_attention.py", ("--threads", "1", *OUT), 21,
                                  ("--quick", "--max-tokens", "256", "--sp-tokens", "256"), 8),
 }

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from benchmarks import layer_levers as ll
 
-OURS = (ll.attention, ll.mlp, ll.whole_layer)  # the variants that run megatron_lite's modules
+# the variants that run megatron_lite's modules
+OURS = (ll.attention, ll.mlp, ll.whole_layer, ll.fused_head)
 
 
 def test_quick_run_writes_one_row_per_lever(tmp_path):
@@ -24,6 +25,7 @@ def test_quick_run_writes_one_row_per_lever(tmp_path):
         assert r["off_ms"] > 0 and r["on_ms"] > 0
     text = out.read_text(encoding="utf-8")
     assert "kept" in text and text.index("## Other") < text.index(ll.SECTION)
+    assert "- Allocator: glibc malloc " in text  # timed under the trainer's process setup
     block = text[text.index(ll.BEGIN):text.index(ll.END)]
     table = [line for line in block.splitlines() if line.startswith("| `")]
     assert len(table) == len(ll.LEVERS)
