@@ -82,6 +82,7 @@ def init_distributed() -> bool:
     import deepspeed
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False, verbose=False)
+    release_shared_memory_names()
     # One rank per core group: ranks sharing a machine split its cores instead of
     # oversubscribing them (each would otherwise start a thread per core). A thread count the
     # user set (OMP_NUM_THREADS, which torch read at start-up) is theirs to keep.
@@ -91,6 +92,32 @@ def init_distributed() -> bool:
                       or dist.get_world_size())
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(max(1, cores // max(1, local_ranks)))
+    return True
+
+
+def release_shared_memory_names() -> bool:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer from /dev/shm once every rank has mapped
+    it; True if it did.
+
+    On CPU, DeepSpeed's shm_comm op gives each rank of a one-machine world a shared-memory buffer
+    (about 69 MB) named after the master's address and port, and never unlinks it: each run left
+    its ranks' buffers in /dev/shm (RAM) until reboot, and here 15 GB of them once got a
+    benchmark killed by the OOM killer. Every rank maps every buffer while DeepSpeed's comm
+    backend starts, so after a barrier the names can go: the mappings live on until the ranks
+    exit, even when they are killed. Collective over the world when the buffer exists (it exists
+    on every rank or on none); idempotent."""
+    if not dist.is_initialized():
+        return False
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
+    path = os.path.join("/dev/shm", name)
+    if not os.path.exists(path):
+        return False
+    dist.barrier()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
     return True
 
 

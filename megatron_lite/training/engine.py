@@ -14,6 +14,8 @@ import copy
 
 import torch
 
+from megatron_lite.parallel.launch import release_shared_memory_names
+
 
 class SkippableAdamW(torch.optim.AdamW):
     """torch.optim.AdamW whose next step can be skipped as DeepSpeed skips an overflowed one."""
@@ -81,6 +83,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict, ps, fused_kernels: str
             return optimizer
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=ds_config, mpu=ps, optimizer=client_optimizer)
+    release_shared_memory_names()  # DeepSpeed's comm may have started here, in a caller's world
     if plain and engine.seq_dp_world_size == 1 and not engine.pipeline_parallelism:
         # Nothing to reduce: with one data-parallel rank DeepSpeed would still flatten every
         # gradient into buckets, all-reduce them over a group of one and copy them back, two
