@@ -104,18 +104,17 @@ def release_shared_memory_names() -> bool:
     its ranks' buffers in /dev/shm (RAM) until reboot, and here 15 GB of them once got a
     benchmark killed by the OOM killer. Every rank maps every buffer while DeepSpeed's comm
     backend starts, so after a barrier the names can go: the mappings live on until the ranks
-    exit, even when they are killed. Collective over the world when the buffer exists (it exists
-    on every rank or on none); idempotent."""
-    if not dist.is_initialized():
+    exit, even when they are killed. Collective over the world where DeepSpeed makes the buffers
+    (no CUDA, and the launcher's LOCAL_SIZE is the world size: every rank on this machine; the
+    same answer on every rank, so no rank waits alone); idempotent."""
+    if (not dist.is_initialized() or torch.cuda.is_available()
+            or os.environ.get("LOCAL_SIZE") != str(dist.get_world_size())):
         return False
+    dist.barrier()  # every rank has mapped every rank's buffer
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
             f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
-    path = os.path.join("/dev/shm", name)
-    if not os.path.exists(path):
-        return False
-    dist.barrier()
     try:
-        os.unlink(path)
+        os.unlink(os.path.join("/dev/shm", name))
     except FileNotFoundError:
         return False
     return True

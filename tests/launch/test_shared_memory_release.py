@@ -25,8 +25,7 @@ def _start_deepspeed_comm(rank, world_size):
               f"{os.environ['MASTER_PORT']}_")
     before = sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
     released = release_shared_memory_names()
-    again = release_shared_memory_names()  # idempotent, and not a lone barrier
-    torch.distributed.barrier()  # both ranks have released theirs
+    again = release_shared_memory_names()  # idempotent (its barrier: both ranks released)
     after = sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
     # The shared-memory all-reduce still works on the mappings.
     t = torch.full((1000,), float(rank + 1))
