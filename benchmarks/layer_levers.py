@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python benchmarks/layer_levers.py` from a checkout
     sys.path.insert(0, ROOT)
 
-from benchmarks.report import provenance, update_section  # noqa: E402
+from benchmarks.report import allocator_line, provenance, update_section  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -354,11 +354,7 @@ def verdict(speedup: float) -> str:
 
 def render(rows: list[dict], args, argv: list[str], started, load: float) -> str:
     lines = provenance(__file__, argv, started, load_start=load, threads=args.threads)
-    lines.append("- Allocator: glibc malloc " + (
-        "keeping freed memory for reuse, as the trainer sets it up on CPU "
-        "(`megatron_lite.parallel.launch.keep_freed_memory`)" if args.kept_freed_memory else
-        "with its defaults (MEGATRON_LITE_KEEP_FREED_MEMORY=0, a MALLOC_* variable or another "
-        "allocator)"))
+    lines.append(allocator_line(args.kept_freed_memory))
     lines += ["", f"One GPT layer's pieces: hidden {args.hidden}, {args.heads} heads, MLP "
               f"{args.ffn}, {args.seq_length} tokens, batch 1 (the head: vocabulary "
               f"{args.vocab}, a mean loss over the tokens), fp32, dropout off; forward + "

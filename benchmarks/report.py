@@ -101,3 +101,14 @@ def provenance(script: str, argv: list[str], started: datetime.datetime, *,
         f"{load}" + (f". {note}" if note else ""),
         f"- Versions: {versions_line()}",
     ]
+
+
+def allocator_line(kept: bool, where: str = "") -> str:
+    """The block's *Allocator* line: whether the run kept freed memory in glibc's malloc, as
+    the trainer sets it up on CPU (`keep_freed_memory`'s result is `kept`); `where` says which
+    processes ran so (", in the timing process and each memory probe")."""
+    return "- Allocator: glibc malloc " + (
+        "keeping freed memory for reuse, as the trainer sets it up on CPU "
+        f"(`megatron_lite.parallel.launch.keep_freed_memory`){where}" if kept else
+        "with its defaults (MEGATRON_LITE_KEEP_FREED_MEMORY=0, a MALLOC_* variable or another "
+        "allocator: the trainer would leave it so too)")

@@ -39,7 +39,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python benchmarks/sparse_attention.py` from a checkout
     sys.path.insert(0, ROOT)
 
-from benchmarks.report import peak_rss_bytes, provenance, update_section  # noqa: E402
+from benchmarks.report import (allocator_line, peak_rss_bytes, provenance,  # noqa: E402
+                               update_section)
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
@@ -270,12 +271,8 @@ def render(op_rows, model_rows, args, argv, started, load) -> str:
     lines = provenance(__file__, argv, started, load_start=load, threads=args.threads,
                        note="The machine may be shared with other jobs: absolute times wander "
                        "with them, ratios less.")
-    lines.append("- Allocator: glibc malloc " + (
-        "keeping freed memory for reuse, as the trainer sets it up on CPU "
-        "(`megatron_lite.parallel.launch.keep_freed_memory`), in the timing process and each "
-        "memory probe" if args.kept_freed_memory else
-        "with its defaults (MEGATRON_LITE_KEEP_FREED_MEMORY=0, a MALLOC_* variable or another "
-        "allocator)"))
+    lines.append(allocator_line(args.kept_freed_memory,
+                                ", in the timing process and each memory probe"))
     if op_rows:
         lines += [
             "",

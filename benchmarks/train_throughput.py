@@ -48,7 +48,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python benchmarks/train_throughput.py` from a checkout
     sys.path.insert(0, ROOT)
 
-from benchmarks.report import peak_rss_bytes, provenance, update_section  # noqa: E402
+from benchmarks.report import (allocator_line, peak_rss_bytes, provenance,  # noqa: E402
+                               update_section)
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
@@ -634,11 +635,7 @@ def render(rows: list[dict], args, argv: list[str], ds_path: str, tcfg: Training
         f"fp32, torch AdamW (fused), gradient clipping {tcfg.clip_grad}; "
         f"{'; '.join(dict.fromkeys(setups))}; {args.warmup} warm-up step(s), "
         f"{args.steps} timed round(s) per model",
-        "- Allocator: glibc malloc " + (
-            "keeping freed memory for reuse, as the trainer sets it up on CPU "
-            "(`megatron_lite.parallel.launch.keep_freed_memory`)" if args.kept_freed_memory else
-            "with its defaults (MEGATRON_LITE_KEEP_FREED_MEMORY=0, a MALLOC_* variable or another "
-            "allocator: the trainer would leave it so too)"),
+        allocator_line(args.kept_freed_memory),
         "",
         "| " + " | ".join(cols) + " |",
         "|---|---|---|" + "---:|" * (len(cols) - 3),

@@ -1,0 +1,23 @@
+"""benchmarks/sparse_attention.py's memory row counts what each model keeps for its backward
+(`kept_for_backward`), exactly: the masked implementation keeps one [T, T] mask per sparse layer
+more than the block-sparse op, and parameters are not counted."""
+from benchmarks import sparse_attention as sa
+
+
+def test_kept_for_backward_counts_the_masked_layers_mask_and_no_parameters():
+    args = sa.parse_args(["--quick"])
+    n = 256
+    kept = {}
+    for kind in sa.MODELS:
+        model = sa.build_model(args, n, kind)
+        batch = sa.make_batch(model.cfg, n, args.seed)
+        kept[kind] = sa.kept_for_backward(model, batch)
+        assert kept[kind] == sa.kept_for_backward(model, batch)  # the same every time
+    cfg = sa.model_config(args, n, True)
+    sparse_layers = cfg.num_layers // 2
+    mask_bytes = sparse_layers * n * n  # at least a bool [T, T] mask per masked sparse layer
+    assert kept["masked"] - kept["sparse"] >= mask_bytes
+    # Same tensors kept but the summary rows' copies: within 5% of each other.
+    assert abs(kept["sparse"] - kept["dense"]) < 0.05 * kept["dense"]
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert kept["dense"] < params  # tiny model: activations at 256 tokens are below its weights
