@@ -149,6 +149,14 @@ def _summary_rows(t: torch.Tensor, stride: int, summary: int) -> torch.Tensor:
     return t.view(b, h, n // stride, stride, d)[:, :, :-1, stride - summary:]
 
 
+def _summary_keys(k: torch.Tensor, v: torch.Tensor, stride: int, summary: int):
+    """The summary rows of k and v gathered for the kernel, [b, h, (n / stride - 1) * summary, d]
+    each. Gathered again in backward rather than kept: the copy is cheap, and the op then keeps
+    only what the dense flash kernel keeps."""
+    return tuple(_summary_rows(t, stride, summary).reshape(t.shape[0], t.shape[1], -1, t.shape[3])
+                 for t in (k, v))
+
+
 def _to_blocks(t: torch.Tensor, stride: int) -> torch.Tensor:
     """[b, h, n, (d)] -> [b * blocks, h, stride, (d)]: blocks become batch entries, a view when
     the rows of one batch entry are contiguous, as for q/k/v sliced out of a fused projection."""
@@ -195,7 +203,7 @@ class _BlockSparseFlash(torch.autograd.Function):
                           scale=scale)
         out, lse = _from_blocks(out, b), _from_blocks(lse, b)  # [b, h, n, d], [b, h, n]
         if summary:
-            ks, vs = (_summary_rows(t, stride, summary).reshape(b, h, -1, d) for t in (k, v))
+            ks, vs = _summary_keys(k, v, stride, summary)
             for rows, blocks, mask in _summary_chunks(n, stride, summary, q.dtype, q.device):
                 keys = blocks * summary
                 o2, l2 = _FLASH(q[:, :, rows], ks[:, :, :keys], vs[:, :, :keys], attn_mask=mask,
@@ -206,9 +214,7 @@ class _BlockSparseFlash(torch.autograd.Function):
                 w2 = torch.sigmoid(l2 - l1).to(out.dtype).unsqueeze(-1)
                 out[:, :, rows].lerp_(o2, w2)
                 lse[:, :, rows] = torch.logaddexp(l1, l2)
-        else:
-            ks = vs = None
-        ctx.save_for_backward(q, k, v, out, lse, ks, vs)
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.geometry = (s, stride, summary, scale)
         return out[:, :, :s]
 
@@ -217,7 +223,7 @@ class _BlockSparseFlash(torch.autograd.Function):
         # Each part's flash backward, given the merged output and log-sum-exp, recomputes its
         # share of the joint probabilities and the joint rowsum(dO * O) term, so its dq, dk, dv
         # are those of the joint softmax: the parts' dq add up, their dk/dv land on their keys.
-        q, k, v, out, lse, ks, vs = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         s, stride, summary, scale = ctx.geometry
         b, h, n, d = q.shape
         grad = _pad_rows(grad, n)
@@ -225,6 +231,7 @@ class _BlockSparseFlash(torch.autograd.Function):
                                 _to_blocks(lse, stride), 0.0, True, scale=scale)
         dq, dk, dv = (_from_blocks(t, b) for t in grads)
         if summary:
+            ks, vs = _summary_keys(k, v, stride, summary)
             dk_rows, dv_rows = (_summary_rows(t, stride, summary) for t in (dk, dv))
             for rows, blocks, mask in _summary_chunks(n, stride, summary, q.dtype, q.device):
                 keys = blocks * summary

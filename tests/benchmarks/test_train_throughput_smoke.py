@@ -69,12 +69,17 @@ def test_smoke_run_reports_every_row(model, tmp_path, capsys):
         assert f"| tiny | {peer} |" in printed
         assert all(r["ours_over_theirs"] > 0 for r in rows)
         assert "No peer" not in text
+        # the goal line's ceiling: ours' and the peer's shared kernels, profiled
+        profiled = {r["key"] for r in rows if r["shared_kernel_s"] is not None}
+        assert profiled == ({"ours", "hf"} if model in tt.GOALS else set())
+        assert all(r["shared_kernel_s"] > 0 for r in rows if r["shared_kernel_s"] is not None)
     else:
         assert "No peer: " in text and all(r["ours_over_theirs"] is None for r in rows)
     goal = tt.GOALS.get(model)
     assert ("- Goal, tiny: ours/theirs ≥ " in text) == (goal is not None)
     if goal is not None:
         assert f"- Goal, tiny: ours/theirs ≥ {goal:.2f} in wall and CPU time: " in text
+        assert "; ceiling " in text and "GEMM, attention, optimizer s |" in text
     if "ours-unfused" in keys:
         assert "lever off" in table[1]
     if "ours-sparse" in keys:  # fewer keys attended: its FLOPs count is below the dense one
@@ -157,6 +162,14 @@ def test_section_without_generated_block_gets_one_at_its_end(tmp_path):
     tt.update_markdown(str(path), "figures")
     text = path.read_text(encoding="utf-8")
     assert text.index("intro") < text.index("figures") < text.index("## Next")
+
+
+def test_shared_kernel_seconds_counts_the_matrix_products_not_the_pointwise_ops(monkeypatch):
+    a = torch.randn(128, 128)
+    monkeypatch.setattr(tt, "train_step", lambda engine, v, b, state: (a * 2).exp().sum())
+    assert tt.shared_kernel_seconds(None, None, None) == 0
+    monkeypatch.setattr(tt, "train_step", lambda engine, v, b, state: (a @ a).exp().sum())
+    assert tt.shared_kernel_seconds(None, None, None) > 0
 
 
 def test_each_round_starts_one_row_later(monkeypatch):
