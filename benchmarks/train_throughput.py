@@ -700,8 +700,9 @@ def render(rows: list[dict], args, argv: list[str], ds_path: str, tcfg: Training
                      "spent descheduled by other jobs does not inflate.")
     if kernels:
         notes.append("*GEMM, attention, optimizer s* is the time one profiled step of the row "
-                     "spends in the kernels both sides run alike (`SHARED_KERNELS` in the script: matrix "
-                     "products of the same shapes, the flash attention kernels, the fused AdamW). "
+                     "spends in the kernels both sides run alike (`SHARED_KERNELS` in the "
+                     "script: matrix products of the same shapes, the flash attention kernels, "
+                     "the fused AdamW). "
                      "No model lever removes that time, so the reference row's step over ours' "
                      "figure is the most ours/theirs can reach: the *ceiling* of the goal line, "
                      "were every other op of ours' step free.")
