@@ -35,7 +35,8 @@ def _start_deepspeed_comm(rank, world_size):
 
 def test_deepspeed_cpu_all_reduce_buffers_are_unlinked_and_still_work():
     results = run_distributed(_start_deepspeed_comm, 2)
+    if not any(before for before, *_ in results):
+        pytest.skip("DeepSpeed made no shared-memory buffers here (its shm_comm op did not build)")
     for rank, (before, released, again, after, total) in enumerate(results):
-        if before:  # DeepSpeed built its shm op: one buffer per rank, both now gone
-            assert len(before) == 2 and released and not again
+        assert len(before) == 2 and released and not again, (rank, before, released, again)
         assert after == [] and total == 3.0, (rank, before, after, total)
