@@ -330,8 +330,11 @@ def render(op_rows, model_rows, args, argv, started, load) -> str:
         "against the summary rows of the blocks before them, block-causal mask), merges the two by log-sum-exp, and runs each "
         "part's flash backward against the merged output and log-sum-exp: it computes about "
         "T·(stride/2 + T/stride·summary/2) scores per head where the masked SDPA computes T², and "
-        "keeps only q, k, v, the output and the log-sum-exp. With dropout it is one SDPA call, each "
-        "query block attending to [summary rows, own block] under a mask.",
+        "keeps only q, k, v, the output and the log-sum-exp. In the model the op also makes the "
+        "layer's qkv projection (`projected_block_sparse_attention`): it keeps the layer's input "
+        "instead of q, k, v and projects again in backward, so a sparse layer keeps T·3h floats "
+        "less than a dense one for one more [T, h] x [h, 3h] product. With dropout it is one SDPA "
+        "call, each query block attending to [summary rows, own block] under a mask.",
     ]
     return "\n".join(lines)
 

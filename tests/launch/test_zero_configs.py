@@ -22,13 +22,18 @@ FP32 = ["zero0", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"]
 BF16 = ["zero1_bf16", "zero2_bf16", "zero3_bf16"]
 FP16 = ["zero1_fp16", "zero2_fp16", "zero3_fp16"]
 STEPS = 20
+# ZeRO-3 keeps parameters under its persistence threshold whole, which at the tiny GPT's size is
+# every one; this variant of zero3.json partitions them all, so the sparse attention, which reads
+# its projection's weight inside one autograd Function (a ZeRO-3 leaf module), trains on
+# gathered weights.
+PARTITION_ALL = "zero3_partition_all"
 
 
 def ds_config(name):
     return os.path.join(DS_DIR, f"{name}.json")
 
 
-def train_args(data, save, name, *extra):
+def train_args(data, save, name, *extra, config=None):
     # No dropout: every config then follows the same loss curve, so a config that trains
     # differently (lost gradients, a skipped tied weight) shows up against zero0.
     return ["--config", os.path.join(ROOT, "configs/gpt/tiny.yaml"),
@@ -37,8 +42,8 @@ def train_args(data, save, name, *extra):
             "--train-iters", str(STEPS), "--lr", "3e-3", "--lr-warmup-iters", "2",
             "--hidden-dropout", "0", "--attention-dropout", "0", "--save", str(save),
             "--peak-flops", "1e12", "--no-progress-bar", "--log-interval", "1",
-            "--eval-interval", "none", "--deepspeed", "--deepspeed_config", ds_config(name),
-            *extra]
+            "--eval-interval", "none", "--deepspeed", "--deepspeed_config",
+            config or ds_config(name), *extra]
 
 
 def _record_engines(seen: list):
@@ -55,6 +60,9 @@ def _record_engines(seen: list):
                          offload_param=bool(engine.zero_offload_param()),
                          bf16=engine.bfloat16_enabled(), fp16=engine.fp16_enabled(),
                          module_dtype=str(next(engine.module.parameters()).dtype),
+                         # ZeRO-3 keeps parameters flagged ds_persist whole on every rank.
+                         persistent=sum(bool(getattr(p, "ds_persist", False))
+                                        for p in engine.module.parameters()),
                          optimizer=type(engine.optimizer).__name__,
                          inner_optimizer=type(inner).__name__ if inner is not None else None))
         return out
@@ -86,7 +94,9 @@ def _train_every_config(rank, world, data, root, names):
     for name in names:
         before = len(seen)
         try:
-            out = pretrain_gpt.main(train_args(data, os.path.join(root, name), name))
+            config = os.path.join(root, f"{name}.json") if name == PARTITION_ALL else None
+            out = pretrain_gpt.main(train_args(data, os.path.join(root, name), name,
+                                               config=config))
             results[name] = dict(loss=out["loss"], step=out["step"], engine=seen[before])
         except Exception:  # noqa: BLE001
             results[name] = dict(error=traceback.format_exc())
@@ -97,7 +107,13 @@ def _train_every_config(rank, world, data, root, names):
 @pytest.fixture(scope="module")
 def trained(gpt_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("zero_configs")
-    ranks = run_distributed(_train_every_config, 2, gpt_data, str(root), FP32 + BF16)
+    with open(ds_config("zero3")) as f:
+        cfg = json.load(f)
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    with open(root / f"{PARTITION_ALL}.json", "w") as f:
+        json.dump(cfg, f)
+    ranks = run_distributed(_train_every_config, 2, gpt_data, str(root),
+                            FP32 + BF16 + [PARTITION_ALL])
     return root, ranks
 
 
@@ -126,7 +142,7 @@ def test_config_trains_the_tiny_gpt(trained, name):
     assert engine["module_dtype"] == ("torch.bfloat16" if bf16 else "torch.float32")
 
 
-@pytest.mark.parametrize("name", [n for n in FP32 if n != "zero0"])
+@pytest.mark.parametrize("name", [n for n in FP32 if n != "zero0"] + [PARTITION_ALL])
 def test_fp32_configs_follow_the_plain_dp_loss_curve(trained, name):
     """ZeRO partitioning and offload change where state lives, not the maths: every fp32
     config matches plain data parallelism (zero0) step for step."""
@@ -134,6 +150,12 @@ def test_fp32_configs_follow_the_plain_dp_loss_curve(trained, name):
     assert "error" not in ranks[0][name] and "error" not in ranks[0]["zero0"]
     torch.testing.assert_close(torch.tensor(ranks[0][name]["loss"]),
                                torch.tensor(ranks[0]["zero0"]["loss"]), rtol=1e-4, atol=0)
+
+
+def test_partition_all_partitions_every_parameter(trained):
+    _, ranks = trained
+    assert ranks[0]["zero3"]["engine"]["persistent"] > 0  # the shipped config keeps them whole
+    assert ranks[0][PARTITION_ALL]["engine"]["persistent"] == 0
 
 
 def test_fp16_is_refused_on_cpu_by_deepspeed_too(trained):

@@ -1,5 +1,6 @@
-"""LingLong's block-sparse attention (`blocks.block_sparse_attention`) against the masked SDPA
-reference (`sparse_causal_pattern`), with gradients, and a sparse GPT through either path."""
+"""LingLong's block-sparse attention (`blocks.block_sparse_attention`, and with the qkv projection
+inside, `blocks.projected_block_sparse_attention`) against the masked SDPA reference
+(`sparse_causal_pattern`), with gradients, and a sparse GPT through either path."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 from megatron_lite.models import GPTConfig, GPTModel
 from megatron_lite.models import blocks
 from megatron_lite.models.blocks import (_block_sparse_sdpa, block_sparse_attention,
+                                         projected_block_sparse_attention, qkv_heads,
                                          sparse_causal_pattern)
 from megatron_lite.parallel import ParallelState, RNGContext, initialize_parameters
 
@@ -88,6 +90,59 @@ def test_op_with_dropout_attends_only_the_pattern():
         assert not (reads & ~pattern[i]).any(), i
 
 
+def projected_output_and_grads(fn, s, stride, summary, dtype, bias=True):
+    """fn(x, weight, bias, heads, stride, summary) on a fused projection of 3 heads x 8: the
+    output and the gradients of x, the weight and the bias, and the sizes (elements) of the
+    storages autograd saved."""
+    g = torch.Generator().manual_seed(3)
+    # Weights at a usual init scale, so q and k are O(1) and the softmax is not one-hot.
+    x, w, b = (torch.randn(shape, generator=g, dtype=dtype).mul_(scale).requires_grad_()
+               for shape, scale in [((2, s, 24), 1.0), ((72, 24), 24 ** -0.5), ((72,), 0.1)])
+    b = b if bias else None
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t.untyped_storage().nbytes() // t.element_size()) or t,
+            lambda t: t):
+        out = fn(x, w, b, 3, stride, summary)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    inputs = (x, w, b) if bias else (x, w)
+    return (out.detach(), *torch.autograd.grad(out, inputs, grad_out)), saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("case", CASES[:6], ids=[f"s{s}-stride{t}-sum{m}" for s, t, m in CASES[:6]])
+def test_projected_op_equals_projection_then_masked_reference(case, dtype, monkeypatch):
+    monkeypatch.setattr(blocks, "_SUMMARY_CHUNK_ROWS", 16)
+    s, stride, summary = case
+    got, saved = projected_output_and_grads(projected_block_sparse_attention, s, stride, summary,
+                                            dtype)
+    want, _ = projected_output_and_grads(
+        lambda x, w, b, heads, stride, summary: reference(
+            *qkv_heads(F.linear(x, w, b), heads), stride, summary), s, stride, summary, dtype)
+    for a, b, name in zip(got, want, ["out", "dx", "dweight", "dbias"]):
+        torch.testing.assert_close(a, b, atol=TOL[dtype], rtol=0, msg=name)
+    # x is kept, and the projection is made again in backward: no [b, s, 3c] tensor is saved
+    # (stride >= s is one causal block, plain SDPA, which keeps q, k, v).
+    assert 2 * s * 24 in saved and (2 * s * 72 in saved) == (stride >= s)
+
+
+def test_projected_op_without_bias_and_on_the_sdpa_fallback():
+    s, stride, summary = 40, 8, 2
+    want, _ = projected_output_and_grads(
+        lambda x, w, b, heads, stride, summary: reference(
+            *qkv_heads(F.linear(x, w, b), heads), stride, summary), s, stride, summary,
+        torch.float64, bias=False)
+    got, _ = projected_output_and_grads(projected_block_sparse_attention, s, stride, summary,
+                                        torch.float64, bias=False)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    # Under autocast the projection is left to autograd (the op would not see the recast).
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, saved = projected_output_and_grads(projected_block_sparse_attention, s, stride,
+                                                summary, torch.float32, bias=False)
+    assert got[0].dtype == torch.bfloat16 and 2 * s * 72 in saved
+
+
 def test_op_rejects_cross_attention():
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match="self-attention"):
@@ -133,10 +188,10 @@ def test_sparse_gpt_block_path_equals_masked_path(monkeypatch):
     calls = []
 
     def spy(*args, **kwargs):
-        calls.append(args[3:5])
-        return block_sparse_attention(*args, **kwargs)
+        calls.append(args[4:6])
+        return projected_block_sparse_attention(*args, **kwargs)
 
-    monkeypatch.setattr(blocks, "block_sparse_attention", spy)
+    monkeypatch.setattr(blocks, "projected_block_sparse_attention", spy)
     new = loss_and_grads(model, data)
     assert calls == [(16, 4)], "the sparse layer should run block-sparse"
     model.block_sparse = False
