@@ -292,7 +292,7 @@ class _ProjectedBlockSparseFlash(torch.autograd.Function):
     log-sum-exp, and projects q, k, v again in backward. Sparse attention is cheap enough that
     this GEMM fits in what it saves (at 4,096 tokens the sparse 106M model stays 1.1x faster
     than the dense one), and the [b, s, 3c] projection is no longer held from forward to backward,
-    so a sparse layer keeps less than a dense one. The gradients of the three heads' parts are
+    so a sparse layer keeps less than a dense one. The gradients of q, k and v are
     written into one fused buffer, as autograd's unbind would."""
 
     @staticmethod
