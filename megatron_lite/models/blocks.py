@@ -292,8 +292,8 @@ class _ProjectedBlockSparseFlash(torch.autograd.Function):
     log-sum-exp, and projects q, k, v again in backward. Sparse attention is cheap enough that
     this GEMM fits in what it saves (at 4,096 tokens the sparse 106M model stays 1.1x faster
     than the dense one), and the [b, s, 3c] projection is no longer held from forward to backward,
-    so a sparse layer keeps less than a dense one. The gradients of q, k and v are
-    written into one fused buffer, as autograd's unbind would."""
+    so a sparse layer keeps less than a dense one. The gradients of q, k and v are written
+    into the projection's buffer, one fused gradient as autograd's unbind would make."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, heads: int, stride: int, summary: int):
@@ -308,12 +308,12 @@ class _ProjectedBlockSparseFlash(torch.autograd.Function):
         x, weight, bias, out, lse = ctx.saved_tensors
         heads, stride, summary = ctx.pattern
         b, s, c = x.shape
-        grads = _sparse_flash_backward(grad, *qkv_heads(F.linear(x, weight, bias), heads), out,
-                                       lse, stride, summary)
-        d_qkv = x.new_empty(b, s, weight.shape[0])
-        for part, g in zip(qkv_heads(d_qkv, heads), grads):
+        qkv = F.linear(x, weight, bias)
+        grads = _sparse_flash_backward(grad, *qkv_heads(qkv, heads), out, lse, stride, summary)
+        # q, k, v are spent: their buffer takes their gradients.
+        for part, g in zip(qkv_heads(qkv, heads), grads):
             part.copy_(g)
-        d_qkv = d_qkv.view(b * s, weight.shape[0])
+        d_qkv = qkv.view(b * s, weight.shape[0])
         dx = (d_qkv @ weight).view(b, s, c) if ctx.needs_input_grad[0] else None
         dw = d_qkv.t() @ x.reshape(b * s, c) if ctx.needs_input_grad[1] else None
         db = d_qkv.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
