@@ -7,7 +7,8 @@ Each lever is a pair of implementations of one function: *off* and *on*. One of 
 own module (`ParallelSelfAttention`, `ParallelMLP`, `GPTLayer` from megatron_lite), so the
 table measures the code the trainer runs; the other is a twin written here with the same
 weights. Before timing, the pair must agree: outputs, the input's gradient and every weight
-gradient (mapped to our layout) within --rtol / --atol, or the run stops.
+gradient (mapped to our layout) within --rtol / --atol (atol times the tensor's largest
+magnitude, when above 1), or the run stops.
 
 Timing: forward + backward of a fixed random output gradient, fp32, batch 1, in rounds that take
 off and on in turn (the order alternating), in one process at fixed torch threads. *on / off*
@@ -43,6 +44,7 @@ from megatron_lite.models import GPTConfig  # noqa: E402
 from megatron_lite.models.gpt import GPTLayer  # noqa: E402
 from megatron_lite.parallel import (ParallelState, RNGContext, initialize_parameters,  # noqa: E402
                                     vocab_parallel_linear_cross_entropy)
+from megatron_lite.parallel.gemm import use_onednn  # noqa: E402
 from megatron_lite.parallel.launch import keep_freed_memory  # noqa: E402
 
 SECTION = "## Layer levers (GPT layer pieces, one lever at a time)"
@@ -220,6 +222,28 @@ def compiled_layer(args, layer: GPTLayer) -> Variant:
     return _shared(lambda x: compiled(x, None, True), {"layer": layer})
 
 
+def _with_onednn(enabled: bool, run: Callable) -> Callable:
+    """`run` with the layers' products on oneDNN (`megatron_lite.parallel.gemm`) or on torch's
+    BLAS, whatever the process's setting."""
+    def wrapped(x):
+        previous = use_onednn(enabled)
+        try:
+            return run(x)
+        finally:
+            use_onednn(previous)
+    return wrapped
+
+
+def layer_on_blas(args, layer: GPTLayer) -> Variant:
+    return _shared(_with_onednn(False, lambda x: layer(x, None, True)), {"layer": layer})
+
+
+def layer_on_onednn(args, layer: GPTLayer) -> Variant:
+    """Ours: the layer's GEMMs on oneDNN where it was faster (`megatron_lite.parallel.gemm`), as
+    the trainer runs them on CPU."""
+    return _shared(_with_onednn(True, lambda x: layer(x, None, True)), {"layer": layer})
+
+
 def _head(args, layer: GPTLayer) -> tuple[nn.Parameter, torch.Tensor]:
     """The [V, h] output weight and the labels that both sides of the head lever use, made once
     per layer."""
@@ -273,7 +297,13 @@ LEVERS = {
     "fused_head": Lever("the output head and the cross entropy together, in chunks of 1,024 "
                         "tokens (off: the full logits, then F.cross_entropy, as GPT-2)",
                         logits_then_loss, fused_head, "on"),
+    "onednn_gemms": Lever("the whole layer's GEMMs on oneDNN: x·Wᵀ, dy·W and the MLP's second "
+                          "weight gradient (off: all on torch's BLAS, MKL)", layer_on_blas,
+                          layer_on_onednn, "on"),
 }
+# Every other lever runs both its variants on torch's BLAS, so that it measures its own change
+# and not the GEMM library (a twin written with F.linear would run on MKL, ours on oneDNN).
+GEMM_LIBRARY_LEVER = "onednn_gemms"
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -311,7 +341,11 @@ def check_equal(key: str, off: Variant, on: Variant, x: torch.Tensor, grad_out: 
                              f"{sorted(results[0])} against {sorted(results[1])}")
     for name, a in results[0].items():
         b = results[1][name]
-        if a is None or b is None or not torch.allclose(a, b, rtol=rtol, atol=atol):
+        # atol scales with the tensor's largest magnitude (when above 1): an element that a sum
+        # over 1,024 tokens cancels to near zero keeps the rounding error of its terms, and
+        # onednn_gemms sums in another order.
+        if a is None or b is None or not torch.allclose(
+                a, b, rtol=rtol, atol=atol * max(1.0, b.abs().max().item())):
             diff = "missing" if a is None or b is None else f"{(a - b).abs().max().item():.3g}"
             raise AssertionError(f"lever {key}: off and on differ in the {name} (max abs "
                                  f"difference {diff}, rtol {rtol}, atol {atol}); a lever must "
@@ -320,6 +354,15 @@ def check_equal(key: str, off: Variant, on: Variant, x: torch.Tensor, grad_out: 
 
 
 def bench_lever(key: str, args) -> dict:
+    previous = use_onednn(False) if key != GEMM_LIBRARY_LEVER else None
+    try:
+        return _bench_lever(key, args)
+    finally:
+        if previous is not None:
+            use_onednn(previous)
+
+
+def _bench_lever(key: str, args) -> dict:
     lever = LEVERS[key]
     layer = our_layer(args)
     variants = {"off": lever.off(args, layer), "on": lever.on(args, layer)}
@@ -360,7 +403,9 @@ def render(rows: list[dict], args, argv: list[str], started, load: float) -> str
               f"{args.vocab}, a mean loss over the tokens), fp32, dropout off; forward + "
               f"backward, medians of {args.rounds} rounds (the speed ratio: the median of "
               "per-round ratios); each pair checked equal first (outputs and every gradient, "
-              f"rtol {args.rtol:g}, atol {args.atol:g}).", "",
+              f"rtol {args.rtol:g}, atol {args.atol:g} times the tensor's largest magnitude when "
+              "above 1). Every lever but `{GEMM_LIBRARY_LEVER}` "
+              "runs both its variants' GEMMs on torch's BLAS.", "",
               "| lever | off ms | on ms | on / off speed (quartiles) | verdict | "
               "megatron_lite runs |",
               "|---|---:|---:|---:|---|---|"]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from megatron_lite.parallel import (ColumnParallelLinear, ParallelState, RNGContext,
                                     RowParallelLinear, copy_to_tp, mark_replicated, set_init)
+from megatron_lite.parallel.gemm import linear, matmul_nn, weight_gradient
 from megatron_lite.parallel.kernels import layer_norm_class
 
 
@@ -144,7 +145,7 @@ def projected_block_sparse_attention(x: torch.Tensor, weight: torch.Tensor,
     if (stride < x.shape[1] and _flash_applies(x, dropout_p) and x.dtype == weight.dtype
             and not torch.is_autocast_enabled(x.device.type)):
         return _ProjectedBlockSparseFlash.apply(x, weight, bias, heads, stride, summary)
-    return block_sparse_attention(*qkv_heads(F.linear(x, weight, bias), heads), stride, summary,
+    return block_sparse_attention(*qkv_heads(linear(x, weight, bias), heads), stride, summary,
                                   dropout_p)
 
 
@@ -297,7 +298,7 @@ class _ProjectedBlockSparseFlash(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, heads: int, stride: int, summary: int):
-        out, lse = _sparse_flash_forward(*qkv_heads(F.linear(x, weight, bias), heads), stride,
+        out, lse = _sparse_flash_forward(*qkv_heads(linear(x, weight, bias), heads), stride,
                                          summary)
         ctx.save_for_backward(x, weight, bias, out, lse)
         ctx.pattern = (heads, stride, summary)
@@ -308,14 +309,14 @@ class _ProjectedBlockSparseFlash(torch.autograd.Function):
         x, weight, bias, out, lse = ctx.saved_tensors
         heads, stride, summary = ctx.pattern
         b, s, c = x.shape
-        qkv = F.linear(x, weight, bias)
+        qkv = linear(x, weight, bias)
         grads = _sparse_flash_backward(grad, *qkv_heads(qkv, heads), out, lse, stride, summary)
         # q, k, v are spent: their buffer takes their gradients.
         for part, g in zip(qkv_heads(qkv, heads), grads):
             part.copy_(g)
         d_qkv = qkv.view(b * s, weight.shape[0])
-        dx = (d_qkv @ weight).view(b, s, c) if ctx.needs_input_grad[0] else None
-        dw = d_qkv.t() @ x.reshape(b * s, c) if ctx.needs_input_grad[1] else None
+        dx = matmul_nn(d_qkv, weight).view(b, s, c) if ctx.needs_input_grad[0] else None
+        dw = weight_gradient(d_qkv, x.reshape(b * s, c)) if ctx.needs_input_grad[1] else None
         db = d_qkv.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None
 

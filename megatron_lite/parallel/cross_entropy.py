@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from .collectives import copy_to_tp, gather_from_tp_last_dim
+from .gemm import matmul_nn, matmul_nt
 from .layers import TiedGradient
 from .state import ParallelState
 
@@ -127,7 +128,7 @@ def _head_and_loss(hidden, weight, labels, weights, ps, vocab_size, chunk_rows, 
     for lo in range(0, hidden.size(0), chunk_rows):
         rows = slice(lo, lo + chunk_rows)
         h, w = hidden[rows], weights[rows]
-        logits = (h @ weight.t()).to(compute)
+        logits = matmul_nt(h, weight).to(compute)
         if valid_here < per_rank:  # padding columns take no part in the softmax
             logits[:, valid_here:] = float("-inf")
         label, away = local_label[rows].unsqueeze(-1), not_here[rows]
@@ -148,7 +149,7 @@ def _head_and_loss(hidden, weight, labels, weights, ps, vocab_size, chunk_rows, 
         # d(loss)/d(logits) = w * (softmax - onehot); onehot only where the label is here.
         probs.scatter_add_(-1, label, -(~away).to(compute).unsqueeze(-1))
         probs, w = probs.to(hidden.dtype), w.to(hidden.dtype).unsqueeze(-1)
-        grad_hidden[rows] = (probs @ weight) * w
+        grad_hidden[rows] = matmul_nn(probs, weight) * w
         if grad_weight is None:  # the first chunk writes the buffer: no zero fill before it
             grad_weight = (probs.t() @ (h * w)).to(compute)
         elif grad_weight.dtype == probs.dtype:

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .collectives import copy_to_tp, gather_from_tp_last_dim, reduce_from_tp, scatter_to_tp_last_dim
+from .gemm import linear
 from .init import mark_replicated, set_init, set_partition_tags
 from .state import ParallelState
 
@@ -54,7 +55,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _new_param(out_per_rank, init=("zeros",), partition_dim=0) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_tp(x, self.ps), self.weight, self.bias)
+        y = linear(copy_to_tp(x, self.ps), self.weight, self.bias)
         return gather_from_tp_last_dim(y, self.ps) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -81,7 +82,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp_last_dim(x, self.ps)
-        y = reduce_from_tp(F.linear(x, self.weight), self.ps)
+        y = reduce_from_tp(linear(x, self.weight), self.ps)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -170,4 +171,4 @@ def parallel_lm_logits(hidden: torch.Tensor, weight_shard: torch.Tensor, ps: Par
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """Logits shard [..., V/tp] from replicated hidden states and a vocab-sharded weight
     (e.g. the tied input embedding's); feed it to `vocab_parallel_cross_entropy`."""
-    return F.linear(copy_to_tp(hidden, ps), weight_shard, bias)
+    return linear(copy_to_tp(hidden, ps), weight_shard, bias)

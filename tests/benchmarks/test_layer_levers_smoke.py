@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from benchmarks import layer_levers as ll
 
 # the variants that run megatron_lite's modules
-OURS = (ll.attention, ll.mlp, ll.whole_layer, ll.fused_head)
+OURS = (ll.attention, ll.mlp, ll.whole_layer, ll.fused_head, ll.layer_on_onednn)
 
 
 def test_quick_run_writes_one_row_per_lever(tmp_path):

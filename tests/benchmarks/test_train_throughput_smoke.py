@@ -13,16 +13,19 @@ import torch
 
 from benchmarks import train_throughput as tt
 from megatron_lite.models import get_model_spec
+from megatron_lite.parallel import gemm
 
 torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# The lever-off row of ours' oneDNN GEMMs, for the models with a goal against their peer.
+BLAS = ["ours-blas"] if gemm.onednn_available() else []
 # model -> (row keys, extra flags, peer class shown, memory probed). One model probes memory
 # (a fresh process per row): the one with a single row.
 CASES = {
-    "gpt": (["ours", "ours-unfused", "ours-sparse", "hf", "hf-tanh"], [],
+    "gpt": (["ours", "ours-unfused", *BLAS, "ours-sparse", "hf", "hf-tanh"], [],
             "HF GPT2LMHeadModel (gelu_new)", False),
-    "t5": (["ours", "ours-unfused", "hf"], ["--decoder-seq-length", "16"],
+    "t5": (["ours", "ours-unfused", *BLAS, "hf"], ["--decoder-seq-length", "16"],
            "HF T5ForConditionalGeneration", False),
     "longformer": (["ours", "hf"], [], "HF LongformerForMaskedLM", False),
     "transformer_xl": (["ours"], [], None, True),
@@ -84,8 +87,11 @@ def test_smoke_run_reports_every_row(model, tmp_path, capsys):
         assert "lever off" in table[1]
     if "ours-sparse" in keys:  # fewer keys attended: its FLOPs count is below the dense one
         sparse = rows[keys.index("ours-sparse")]
-        assert sparse["mfu"] < sparse["mfu_dense_count"] and "sparse" in table[2]
+        assert sparse["mfu"] < sparse["mfu_dense_count"]
+        assert "sparse" in table[keys.index("ours-sparse")]
         assert "(gelu_pytorch_tanh)" in table[keys.index("hf-tanh")]
+    if "ours-blas" in keys:
+        assert "GEMMs on torch's BLAS (lever off)" in table[keys.index("ours-blas")]
 
     tt.update_markdown(str(out), "second run", model)  # a rerun replaces its block, nothing else
     text = out.read_text(encoding="utf-8")

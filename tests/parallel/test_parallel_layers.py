@@ -10,6 +10,7 @@ from megatron_lite.parallel import (ColumnParallelLinear, ParallelState, RowPara
                                     copy_to_tp, gather_from_tp_last_dim, initialize_parameters, is_sharded,
                                     parallel_lm_logits, reduce_from_tp, scatter_to_tp_last_dim, set_init,
                                     set_partition_tags, take_shard, vocab_parallel_cross_entropy)
+from megatron_lite.parallel.gemm import linear
 from megatron_lite.testing import run_distributed
 
 SEED = 99
@@ -169,9 +170,13 @@ def test_tp1_layers_are_plain_layers():
     col, row = ColumnParallelLinear(IN, OUT, ps), RowParallelLinear(OUT, IN, ps)
     emb = VocabParallelEmbedding(VOCAB, IN, ps)
     x, ids = torch.randn(BATCH, SEQ, IN), torch.tensor([[1, 9, 0]])
-    torch.testing.assert_close(col(x), F.linear(x, col.weight, col.bias), rtol=0, atol=0)
     h = torch.randn(BATCH, SEQ, OUT)
-    torch.testing.assert_close(row(h), F.linear(h, row.weight, row.bias), rtol=0, atol=0)
+    # Exactly the product the layers call (`gemm.linear`: on CPU, oneDNN's where it applies) ...
+    torch.testing.assert_close(col(x), linear(x, col.weight, col.bias), rtol=0, atol=0)
+    torch.testing.assert_close(row(h), linear(h, row.weight) + row.bias, rtol=0, atol=0)
+    # ... which is F.linear's within fp32 rounding (the libraries sum in different orders).
+    torch.testing.assert_close(col(x), F.linear(x, col.weight, col.bias), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(row(h), F.linear(h, row.weight, row.bias), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(emb(ids), F.embedding(ids, emb.weight), rtol=0, atol=0)
     for f in (copy_to_tp, reduce_from_tp, scatter_to_tp_last_dim, gather_from_tp_last_dim):
         assert f(x, ps) is x

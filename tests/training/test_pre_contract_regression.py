@@ -81,8 +81,11 @@ def _train_with_masked_sparse_layers(rank, world, module, argv):
     """The recording's sparse kernel (masked SDPA): the tiny GPT's odd layers are sparse, and the
     block-sparse kernel draws its attention dropout over other shapes (its equality with the
     masked one is in tests/models/test_gpt_sparse_attention.py). The loss too is the recording's:
-    logits, then the cross entropy (the fused head: tests/parallel/test_linear_cross_entropy.py)."""
+    logits, then the cross entropy (the fused head: tests/parallel/test_linear_cross_entropy.py).
+    The recording's GEMM library: torch's BLAS (oneDNN's products: tests/parallel/test_gemm.py)."""
     from megatron_lite.models.gpt import GPTModel
+    from megatron_lite.parallel.gemm import use_onednn
+    use_onednn(False)
     GPTModel.block_sparse = False
     GPTModel.fused_head_loss = False
     return _train(rank, world, module, argv)
@@ -95,8 +98,11 @@ def test_gpt_losses_match_the_pre_contract_run(gpt_data, tmp_path):
 
 def _train_t5_with_unfused_loss(rank, world, module, argv):
     """The recording's loss: logits, then the cross entropy (the fused head's equality with it is
-    in tests/parallel/test_linear_cross_entropy.py and tests/models/test_t5.py)."""
+    in tests/parallel/test_linear_cross_entropy.py and tests/models/test_t5.py), on the
+    recording's GEMM library, torch's BLAS (oneDNN's products: tests/parallel/test_gemm.py)."""
     from megatron_lite.models.t5 import T5Model
+    from megatron_lite.parallel.gemm import use_onednn
+    use_onednn(False)
     T5Model.fused_head_loss = False
     return _train(rank, world, module, argv)
 
