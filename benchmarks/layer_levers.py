@@ -44,7 +44,7 @@ from megatron_lite.models import GPTConfig  # noqa: E402
 from megatron_lite.models.gpt import GPTLayer  # noqa: E402
 from megatron_lite.parallel import (ParallelState, RNGContext, initialize_parameters,  # noqa: E402
                                     vocab_parallel_linear_cross_entropy)
-from megatron_lite.parallel.gemm import use_onednn  # noqa: E402
+from megatron_lite.parallel.gemm import onednn_enabled  # noqa: E402
 from megatron_lite.parallel.launch import keep_freed_memory  # noqa: E402
 
 SECTION = "## Layer levers (GPT layer pieces, one lever at a time)"
@@ -223,14 +223,11 @@ def compiled_layer(args, layer: GPTLayer) -> Variant:
 
 
 def _with_onednn(enabled: bool, run: Callable) -> Callable:
-    """`run` with the layers' products on oneDNN (`megatron_lite.parallel.gemm`) or on torch's
-    BLAS, whatever the process's setting."""
+    """`run` with the layers' products on oneDNN or on torch's BLAS, whatever the process's
+    setting."""
     def wrapped(x):
-        previous = use_onednn(enabled)
-        try:
+        with onednn_enabled(enabled):
             return run(x)
-        finally:
-            use_onednn(previous)
     return wrapped
 
 
@@ -354,12 +351,10 @@ def check_equal(key: str, off: Variant, on: Variant, x: torch.Tensor, grad_out: 
 
 
 def bench_lever(key: str, args) -> dict:
-    previous = use_onednn(False) if key != GEMM_LIBRARY_LEVER else None
-    try:
-        return _bench_lever(key, args)
-    finally:
-        if previous is not None:
-            use_onednn(previous)
+    if key != GEMM_LIBRARY_LEVER:
+        with onednn_enabled(False):
+            return _bench_lever(key, args)
+    return _bench_lever(key, args)
 
 
 def _bench_lever(key: str, args) -> dict:
@@ -404,7 +399,7 @@ def render(rows: list[dict], args, argv: list[str], started, load: float) -> str
               f"backward, medians of {args.rounds} rounds (the speed ratio: the median of "
               "per-round ratios); each pair checked equal first (outputs and every gradient, "
               f"rtol {args.rtol:g}, atol {args.atol:g} times the tensor's largest magnitude when "
-              "above 1). Every lever but `{GEMM_LIBRARY_LEVER}` "
+              f"above 1). Every lever but `{GEMM_LIBRARY_LEVER}` "
               "runs both its variants' GEMMs on torch's BLAS.", "",
               "| lever | off ms | on ms | on / off speed (quartiles) | verdict | "
               "megatron_lite runs |",

@@ -86,8 +86,8 @@ DEFAULT_VOCAB = 32000  # a model registered from elsewhere (--model-module), wit
 # time (goal 2: GPT against GPT-2 with its own gelu_new; goal 3: T5).
 GOALS = {"gpt": 1.15, "t5": 1.10}
 
-# Kernels ours and its peer run alike: GEMMs of the same shapes (ours' forward and input-gradient
-# GEMMs on oneDNN, `megatron_lite.parallel.gemm`, the peer's on torch's BLAS), the flash attention
+# Kernels ours and its peer run alike: GEMMs of the same shapes (ours' partly on oneDNN,
+# `megatron_lite.parallel.gemm`, the peer's on torch's BLAS), the flash attention
 # kernels and the fused optimizer. No model lever takes work out of them, so the peer's step over
 # the time ours spends in them is the most ours/theirs can reach (the ceiling of each goal line).
 SHARED_KERNELS = frozenset({

@@ -16,6 +16,7 @@ rounding: the two libraries sum the products in different orders.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -37,14 +38,23 @@ def use_onednn(enabled: bool) -> bool:
     return previous
 
 
+@contextlib.contextmanager
+def onednn_enabled(enabled: bool):
+    """`use_onednn(enabled)` for the duration of a with block."""
+    previous = use_onednn(enabled)
+    try:
+        yield
+    finally:
+        use_onednn(previous)
+
+
 def onednn_applies(macs: int, *tensors: torch.Tensor | None) -> bool:
     """True when a product of these tensors (None entries ignored) with `macs` multiply-adds
     runs on oneDNN."""
     if not (_enabled and _AVAILABLE) or macs < ONEDNN_MIN_MACS or torch.compiler.is_compiling():
         return False
-    present = [t for t in tensors if t is not None]
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() > 0
-                for t in present)
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32
+                for t in tensors if t is not None)
             and not torch.is_autocast_enabled("cpu"))
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_lite.parallel import gemm
-from megatron_lite.parallel.gemm import linear, matmul_nn, matmul_nt, use_onednn
+from megatron_lite.parallel.gemm import linear, matmul_nn, matmul_nt, onednn_enabled
 
 needs_onednn = pytest.mark.skipif(not gemm.onednn_available(), reason="torch without oneDNN")
 # Large enough for oneDNN (gemm.ONEDNN_MIN_MACS), small enough for a fast test.
@@ -14,9 +14,8 @@ ROWS, IN, OUT = 320, 192, 288
 
 @pytest.fixture(autouse=True)
 def onednn_on():
-    previous = use_onednn(True)
-    yield
-    use_onednn(previous)
+    with onednn_enabled(True):
+        yield
 
 
 def _inputs(x_shape, bias: bool, seed: int = 0):
@@ -58,11 +57,10 @@ def test_head_products_equal_torchs():
 
 def test_torchs_path_where_onednn_does_not_apply():
     x, w, b = (t.float().requires_grad_() for t in _inputs((ROWS, IN), True))
-    use_onednn(False)  # switched off: exactly F.linear
-    y = linear(x, w, b)
+    with onednn_enabled(False):  # switched off: exactly F.linear
+        y = linear(x, w, b)
     assert type(y.grad_fn).__name__ != "_LinearBackward"
     torch.testing.assert_close(y, F.linear(x, w, b), rtol=0, atol=0)
-    use_onednn(True)
     small = torch.randn(4, IN)  # below ONEDNN_MIN_MACS
     assert 4 * IN * OUT < gemm.ONEDNN_MIN_MACS
     torch.testing.assert_close(linear(small, w, b), F.linear(small, w, b), rtol=0, atol=0)

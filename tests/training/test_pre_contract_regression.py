@@ -84,11 +84,11 @@ def _train_with_masked_sparse_layers(rank, world, module, argv):
     logits, then the cross entropy (the fused head: tests/parallel/test_linear_cross_entropy.py).
     The recording's GEMM library: torch's BLAS (oneDNN's products: tests/parallel/test_gemm.py)."""
     from megatron_lite.models.gpt import GPTModel
-    from megatron_lite.parallel.gemm import use_onednn
-    use_onednn(False)
+    from megatron_lite.parallel.gemm import onednn_enabled
     GPTModel.block_sparse = False
     GPTModel.fused_head_loss = False
-    return _train(rank, world, module, argv)
+    with onednn_enabled(False):
+        return _train(rank, world, module, argv)
 
 
 def test_gpt_losses_match_the_pre_contract_run(gpt_data, tmp_path):
@@ -101,10 +101,10 @@ def _train_t5_with_unfused_loss(rank, world, module, argv):
     in tests/parallel/test_linear_cross_entropy.py and tests/models/test_t5.py), on the
     recording's GEMM library, torch's BLAS (oneDNN's products: tests/parallel/test_gemm.py)."""
     from megatron_lite.models.t5 import T5Model
-    from megatron_lite.parallel.gemm import use_onednn
-    use_onednn(False)
+    from megatron_lite.parallel.gemm import onednn_enabled
     T5Model.fused_head_loss = False
-    return _train(rank, world, module, argv)
+    with onednn_enabled(False):
+        return _train(rank, world, module, argv)
 
 
 def test_t5_losses_match_the_pre_contract_run(t5_data, tmp_path):
