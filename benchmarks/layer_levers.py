@@ -165,6 +165,23 @@ def contiguous_heads(args, layer: GPTLayer) -> Variant:
     return _shared(run, {"attn": attn})
 
 
+def gemm_attention(args, layer: GPTLayer) -> Variant:
+    """On: causal attention as batched GEMMs instead of torch's flash kernel: the scores by
+    baddbmm with the causal mask as its accumulator, a softmax, then bmm; autograd keeps the
+    [heads, T, T] probabilities for backward, where the flash kernel recomputes them."""
+    attn, heads, d, h = layer.attn, args.heads, args.hidden // args.heads, args.hidden
+    n = args.seq_length
+    mask = torch.full((n, n), float("-inf")).triu_(1)
+
+    def run(x):
+        qkv = attn.qkv(x).view(1, n, heads, 3, d)
+        q, k, v = (qkv[:, :, :, i].transpose(1, 2).reshape(heads, n, d) for i in range(3))
+        scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=d ** -0.5)
+        ctx = torch.bmm(scores.softmax(-1), v).view(1, heads, n, d)
+        return attn.out(ctx.transpose(1, 2).reshape(1, n, h))
+    return _shared(run, {"attn": attn})
+
+
 def _shared(run, modules: dict[str, nn.Module]) -> Variant:
     """`run` on our modules' own weights, their gradients named `<key>.<parameter>`."""
     params = {f"{prefix}.{k}": p for prefix, m in modules.items() for k, p in m.named_parameters()}
@@ -281,6 +298,9 @@ LEVERS = {
                        three_projections, attention, "on"),
     "head_views": Lever("heads as strided views into SDPA (off: copied contiguous, both ways)",
                         contiguous_heads, attention, "on"),
+    "gemm_attention": Lever("causal attention as batched GEMMs: baddbmm onto the mask, "
+                            "softmax, bmm, the probabilities kept for backward (off: torch's "
+                            "flash kernel, as ours)", attention, gemm_attention, "off"),
     "gelu_kernel": Lever("tanh GELU as one torch kernel (off: GPT-2's `gelu_new` pointwise ops)",
                          gelu_pointwise, mlp, "on"),
     "mlp_input_major": Lever("MLP weights [in, out], x @ W + b, GPT-2's layout "

@@ -143,19 +143,21 @@ def _head_and_loss(hidden, weight, labels, weights, ps, vocab_size, chunk_rows, 
             per_token = top - probs.amax(dim=-1).log() - target
         else:  # the softmax spans every rank's columns; the chunk's buffer becomes it
             per_token, probs = _softmax_over_tp_(logits, local_label[rows], away, ps)
+            del logits  # now the name of the buffer that probs holds
         loss += (per_token * w).sum()
-        if not with_grad:
-            continue
-        # d(loss)/d(logits) = w * (softmax - onehot); onehot only where the label is here.
-        probs.scatter_add_(-1, label, -(~away).to(compute).unsqueeze(-1))
-        probs, w = probs.to(hidden.dtype), w.to(hidden.dtype).unsqueeze(-1)
-        grad_hidden[rows] = matmul_nn(probs, weight) * w
-        if grad_weight is None:  # the first chunk writes the buffer: no zero fill before it
-            grad_weight = (probs.t() @ (h * w)).to(compute)
-        elif grad_weight.dtype == probs.dtype:
-            grad_weight.addmm_(probs.t(), h * w)
-        else:  # half-precision matmul, accumulated over the chunks in fp32
-            grad_weight.add_(probs.t() @ (h * w))
+        if with_grad:
+            # d(loss)/d(logits) = w * (softmax - onehot); onehot only where the label is here.
+            probs.scatter_add_(-1, label, -(~away).to(compute).unsqueeze(-1))
+            probs, w = probs.to(hidden.dtype), w.to(hidden.dtype).unsqueeze(-1)
+            grad_hidden[rows] = matmul_nn(probs, weight) * w
+            if grad_weight is None:  # the first chunk writes the buffer: no zero fill before it
+                grad_weight = (probs.t() @ (h * w)).to(compute)
+            elif grad_weight.dtype == probs.dtype:
+                grad_weight.addmm_(probs.t(), h * w)
+            else:  # half-precision matmul, accumulated over the chunks in fp32
+                grad_weight.add_(probs.t() @ (h * w))
+        # Freed before the next chunk's logits, so that two chunks' buffers never coexist.
+        del probs
     if with_grad and grad_weight is None:  # no tokens
         grad_weight = torch.zeros(weight.shape, dtype=compute, device=weight.device)
     return loss, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)

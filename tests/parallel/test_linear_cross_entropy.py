@@ -1,7 +1,8 @@
 """The fused output head + cross entropy (`vocab_parallel_linear_cross_entropy`) against its
 reference, the head's logits followed by `vocab_parallel_cross_entropy` and the masked mean: the
 loss and the gradients of the hidden states and of the weight, at TP=1 and TP=2 (two gloo ranks),
-over chunk boundaries, padding columns, ignored labels and masked tokens."""
+over chunk boundaries, padding columns, ignored labels and masked tokens; and its peak memory
+(one chunk's logits and softmax at a time)."""
 import pytest
 import torch
 
@@ -170,3 +171,29 @@ def test_gpt_loss_and_gradients_fused_and_unfused_agree():
     assert n == ref_n
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_one_chunk_of_logits_at_a_time(with_grad):
+    """Peak memory: each chunk's softmax is freed before the next chunk's logits are made, so at
+    most a chunk's logits and its softmax exist together (two [chunk, V] buffers), not three."""
+    chunk, vocab, hidden_size = 64, 4096, 16
+    buffer = chunk * vocab * 4
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4 * chunk, hidden_size, generator=g, requires_grad=with_grad)
+    weight = torch.randn(vocab, hidden_size, generator=g)
+    labels = torch.randint(0, vocab, (4 * chunk,), generator=g)
+    ps = ParallelState.single()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        loss, _ = vocab_parallel_linear_cross_entropy(hidden, weight, labels,
+                                                      torch.ones(4 * chunk), ps, chunk_rows=chunk)
+    # Allocations (+bytes) and frees (-bytes) in time order; torch is pinned, so its profiler's
+    # record of them (kineto_results) is a stable thing to read here.
+    memory = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(memory, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    assert 2 * buffer <= peak < 2.5 * buffer, peak / buffer
+    assert torch.isfinite(loss)
