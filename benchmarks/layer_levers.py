@@ -41,6 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from megatron_lite.models import GPTConfig  # noqa: E402
+from megatron_lite.models.blocks import qkv_heads  # noqa: E402
 from megatron_lite.models.gpt import GPTLayer  # noqa: E402
 from megatron_lite.parallel import (ParallelState, RNGContext, initialize_parameters,  # noqa: E402
                                     vocab_parallel_linear_cross_entropy)
@@ -174,8 +175,7 @@ def gemm_attention(args, layer: GPTLayer) -> Variant:
     mask = torch.full((n, n), float("-inf")).triu_(1)
 
     def run(x):
-        qkv = attn.qkv(x).view(1, n, heads, 3, d)
-        q, k, v = (qkv[:, :, :, i].transpose(1, 2).reshape(heads, n, d) for i in range(3))
+        q, k, v = (t.reshape(heads, n, d) for t in qkv_heads(attn.qkv(x), heads))
         scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=d ** -0.5)
         ctx = torch.bmm(scores.softmax(-1), v).view(1, heads, n, d)
         return attn.out(ctx.transpose(1, 2).reshape(1, n, h))
