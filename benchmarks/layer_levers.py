@@ -41,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from megatron_lite.models import GPTConfig  # noqa: E402
-from megatron_lite.models.blocks import qkv_heads  # noqa: E402
+from megatron_lite.models.blocks import causal_attention, qkv_heads  # noqa: E402
 from megatron_lite.models.gpt import GPTLayer  # noqa: E402
 from megatron_lite.parallel import (ParallelState, RNGContext, initialize_parameters,  # noqa: E402
                                     vocab_parallel_linear_cross_entropy)
@@ -124,8 +124,20 @@ def _copy(t: torch.Tensor) -> nn.Parameter:
 
 
 def attention(args, layer: GPTLayer) -> Variant:
-    """Our attention block, causal, as the dense layers call it."""
+    """Our attention block, causal, as the dense layers call it (on CPU in fp32: the blocked
+    causal attention, `blocks.causal_attention`)."""
     return _shared(lambda x: layer.attn(x, None, True), {"attn": layer.attn})
+
+
+def flash_attention(args, layer: GPTLayer) -> Variant:
+    """Off: our attention block's weights with SDPA's causal flash kernel."""
+    attn, heads, h = layer.attn, args.heads, args.hidden
+
+    def run(x):
+        q, k, v = qkv_heads(attn.qkv(x), heads)
+        ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return attn.out(ctx.transpose(1, 2).reshape(1, x.shape[1], h))
+    return _shared(run, {"attn": attn})
 
 
 def three_projections(args, layer: GPTLayer) -> Variant:
@@ -140,7 +152,7 @@ def three_projections(args, layer: GPTLayer) -> Variant:
         n = x.shape[1]
         q, k, v = (F.linear(x, wi, bi).view(1, n, heads, d).transpose(1, 2)
                    for wi, bi in zip(ws, bs))
-        ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        ctx = causal_attention(q, k, v)
         return attn.out(ctx.transpose(1, 2).reshape(1, n, h))
 
     def grads():
@@ -154,22 +166,23 @@ def three_projections(args, layer: GPTLayer) -> Variant:
 
 def contiguous_heads(args, layer: GPTLayer) -> Variant:
     """Off: q, k and v copied out of the fused projection into contiguous [b, heads, T, d]
-    tensors before SDPA, and its output copied back: what the head reshapes cost when they copy."""
+    tensors before the attention, and its output copied back: what the head reshapes cost when
+    they copy."""
     attn, heads, d, h = layer.attn, args.heads, args.hidden // args.heads, args.hidden
 
     def run(x):
         n = x.shape[1]
         qkv = attn.qkv(x).view(1, n, heads, 3, d)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2).contiguous() for i in range(3))
-        ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        ctx = causal_attention(q, k, v)
         return attn.out(ctx.transpose(1, 2).contiguous().view(1, n, h))
     return _shared(run, {"attn": attn})
 
 
 def gemm_attention(args, layer: GPTLayer) -> Variant:
-    """On: causal attention as batched GEMMs instead of torch's flash kernel: the scores by
+    """On: causal attention as one batched GEMM per layer over the whole square: the scores by
     baddbmm with the causal mask as its accumulator, a softmax, then bmm; autograd keeps the
-    [heads, T, T] probabilities for backward, where the flash kernel recomputes them."""
+    [heads, T, T] probabilities for backward."""
     attn, heads, d, h = layer.attn, args.heads, args.hidden // args.heads, args.hidden
     n = args.seq_length
     mask = torch.full((n, n), float("-inf")).triu_(1)
@@ -296,11 +309,15 @@ class Lever:
 LEVERS = {
     "fused_qkv": Lever("q, k, v from one fused [3h, h] GEMM (off: three [h, h] GEMMs)",
                        three_projections, attention, "on"),
-    "head_views": Lever("heads as strided views into SDPA (off: copied contiguous, both ways)",
-                        contiguous_heads, attention, "on"),
-    "gemm_attention": Lever("causal attention as batched GEMMs: baddbmm onto the mask, "
-                            "softmax, bmm, the probabilities kept for backward (off: torch's "
-                            "flash kernel, as ours)", attention, gemm_attention, "off"),
+    "head_views": Lever("heads as strided views into the attention (off: copied contiguous, "
+                        "both ways)", contiguous_heads, attention, "on"),
+    "blocked_attention": Lever("causal attention by blocks of 128 query rows as batched GEMMs, "
+                               "each block over only the keys it may see, the probabilities "
+                               "kept for backward (off: SDPA's flash kernel)", flash_attention,
+                               attention, "on"),
+    "gemm_attention": Lever("causal attention as one batched GEMM per layer over the whole "
+                            "square: baddbmm onto the mask, softmax, bmm (off: ours, "
+                            "`blocked_attention`)", attention, gemm_attention, "off"),
     "gelu_kernel": Lever("tanh GELU as one torch kernel (off: GPT-2's `gelu_new` pointwise ops)",
                          gelu_pointwise, mlp, "on"),
     "mlp_input_major": Lever("MLP weights [in, out], x @ W + b, GPT-2's layout "

@@ -371,6 +371,76 @@ class KVCache:
         return k, v
 
 
+class _QueryBlockedCausalAttention(torch.autograd.Function):
+    """Causal attention of q, k, v [n, T, d] by blocks of query rows, each over only the keys it
+    may see (up to the block's last row; the block's own square takes the causal mask), as
+    batched GEMMs and a plain softmax. The probabilities are kept for backward, where the
+    scores' gradient is formed in place with the row sums of dP * P taken as those of dO * O."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rows):
+        t, d = q.shape[1:]
+        q = q * d ** -0.5
+        causal = torch.full((rows, rows), float("-inf"), dtype=q.dtype).triu_(1)
+        out, probs = q.new_empty(q.shape), []
+        for lo in range(0, t, rows):
+            hi = min(lo + rows, t)
+            scores = torch.bmm(q[:, lo:hi], k[:, :hi].transpose(1, 2))
+            scores[:, :, lo:hi] += causal[:hi - lo, :hi - lo]
+            probs.append(scores.softmax(-1))
+            out[:, lo:hi] = torch.bmm(probs[-1], v[:, :hi])
+        ctx.save_for_backward(q, k, v, out, *probs)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, *probs = ctx.saved_tensors
+        t, d = q.shape[1:]
+        row_dot = (grad * out).sum(-1, keepdim=True)
+        dq, dk, dv = q.new_empty(q.shape), torch.zeros_like(k), torch.zeros_like(v)
+        for p, lo in zip(probs, range(0, t, ctx.rows)):
+            hi = min(lo + ctx.rows, t)
+            dv[:, :hi] += torch.bmm(p.transpose(1, 2), grad[:, lo:hi])
+            dscores = torch.bmm(grad[:, lo:hi], v[:, :hi].transpose(1, 2))
+            dscores.sub_(row_dot[:, lo:hi]).mul_(p)
+            dq[:, lo:hi] = torch.bmm(dscores, k[:, :hi])
+            dk[:, :hi] += torch.bmm(dscores.transpose(1, 2), q[:, lo:hi])
+        return dq.mul_(d ** -0.5), dk, dv, None
+
+
+# Query rows per block of the blocked causal attention, and the most probabilities it may keep
+# for one call's backward. 128-row blocks compute (1 + 128 / T) / 2 of the scores' square where
+# the flash kernel computes half of it, in larger GEMMs (BENCHMARKS.md, "Layer levers"). The
+# cap bounds the memory it adds over the flash kernel, which keeps only per-row statistics:
+# LingLong-106M keeps 27 MiB a layer at 1,024 tokens; at 2,048 (108 MiB) and beyond the flash
+# kernel runs.
+CAUSAL_BLOCK_ROWS = 128
+CAUSAL_BLOCK_MAX_BYTES = 32 << 20
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     blocked: bool = True) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(d) + causal mask) v for q, k, v [b, heads, T, d].
+
+    On CPU in fp32 with gradients, outside torch.compile and autocast, for two blocks of query
+    rows or more and when its probabilities fit CAUSAL_BLOCK_MAX_BYTES, by blocks of query rows
+    as batched GEMMs (`_QueryBlockedCausalAttention`; 1.10x torch's flash kernel on the 106M's
+    attention block, forward and backward, but slower on one block of short heads: 0.70x at
+    [1, 4, 128, 16]); otherwise, or with `blocked=False`, SDPA's fused causal kernel."""
+    b, h, t, d = q.shape
+    kept = b * h * t * (t + CAUSAL_BLOCK_ROWS) // 2 * q.element_size()
+    if (blocked and q.device.type == "cpu" and q.dtype == torch.float32
+            and t >= 2 * CAUSAL_BLOCK_ROWS
+            and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+            and kept <= CAUSAL_BLOCK_MAX_BYTES and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu")):
+        out = _QueryBlockedCausalAttention.apply(*(x.reshape(b * h, t, d) for x in (q, k, v)),
+                                                 CAUSAL_BLOCK_ROWS)
+        return out.view(b, h, t, d)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 class ParallelSelfAttention(nn.Module):
     """Multi-head self-attention with heads sharded over TP.
 
@@ -378,7 +448,11 @@ class ParallelSelfAttention(nn.Module):
     [heads, 3, head_dim], so TP rank r owns a contiguous block of whole heads (q, k and v
     together) and resharding is a plain slice (partition stride 1). The output projection is
     row-parallel: its all-reduce is the only communication of the block.
+
+    Causal attention without dropout goes through `causal_attention`, whose CPU training path is
+    blocked GEMMs; `blocked_causal_attention = False` keeps it on SDPA's flash kernel.
     """
+    blocked_causal_attention = True
 
     def __init__(self, hidden_size: int, num_heads: int, ps: ParallelState, rng: RNGContext, *,
                  init_std: float, out_init_std: float, attention_dropout: float, site: str):
@@ -421,8 +495,11 @@ class ParallelSelfAttention(nn.Module):
                 q, k, v = qkv_heads(self.qkv(x), self.local_heads)  # [b, local_heads, s, d]
                 if kv_cache is not None:
                     k, v = kv_cache.update(layer_idx, k, v)
-                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                                     is_causal=is_causal)
+                if is_causal and mask is None and p == 0 and kv_cache is None:
+                    ctx = causal_attention(q, k, v, self.blocked_causal_attention)
+                else:
+                    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                                         is_causal=is_causal)
         ctx = ctx.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)
         return self.out(ctx)
 

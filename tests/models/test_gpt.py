@@ -140,6 +140,63 @@ def test_sparse_model_equals_dense_within_first_block():
 
 # ---------------------------------------------------------------------------------- loss
 
+def _attention_grads(fn, q, k, v, grad):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad)), out.grad_fn
+
+
+@pytest.mark.parametrize("t", [300, 256])
+def test_blocked_causal_attention_equals_sdpa(t):
+    """The CPU training path of causal attention (blocks of 128 query rows as batched GEMMs,
+    its own backward) against SDPA's causal kernel: output and q, k, v gradients, with a last
+    block shorter than the rest (300) and two whole blocks (256)."""
+    from megatron_lite.models.blocks import causal_attention
+    g = torch.Generator().manual_seed(t)
+    q, k, v, grad = (torch.randn(2, 3, t, 16, generator=g) for _ in range(4))
+    got, fn = _attention_grads(causal_attention, q, k, v, grad)
+    assert "QueryBlockedCausal" in fn.next_functions[0][0].name()  # the blocked path ran
+    want, _ = _attention_grads(lambda *a: F.scaled_dot_product_attention(*a, is_causal=True),
+                               q, k, v, grad)
+    for name, a, w in zip(("output", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_blocked_causal_attention_only_where_it_pays(monkeypatch):
+    """Without gradients, over its memory cap, under two blocks of queries, turned off, or in
+    float64, causal attention is SDPA's kernel itself."""
+    from megatron_lite.models import blocks
+    q = torch.randn(1, 2, 256, 8, requires_grad=True)
+    sdpa = "ScaledDotProductFlashAttentionForCpuBackward"
+    assert not blocks.causal_attention(q, q, q).grad_fn.name().startswith(sdpa)
+    short = q[:, :, :255]
+    assert blocks.causal_attention(short, short, short).grad_fn.name().startswith(sdpa)
+    assert blocks.causal_attention(q, q, q, blocked=False).grad_fn.name().startswith(sdpa)
+    assert blocks.causal_attention(*(q.double(),) * 3).grad_fn.name().startswith(sdpa)
+    with torch.no_grad():
+        torch.testing.assert_close(blocks.causal_attention(q, q, q),
+                                   F.scaled_dot_product_attention(q, q, q, is_causal=True))
+    monkeypatch.setattr(blocks, "CAUSAL_BLOCK_MAX_BYTES", 1024)
+    assert blocks.causal_attention(q, q, q).grad_fn.name().startswith(sdpa)
+
+
+def test_gpt_with_blocked_attention_trains_as_with_sdpa(monkeypatch):
+    """The whole GPT, fp32: loss and every gradient the same with the blocked causal attention
+    as with SDPA's kernel (`ParallelSelfAttention.blocked_causal_attention`)."""
+    from megatron_lite.models.blocks import ParallelSelfAttention
+    cfg = tiny_cfg(num_layers=2, max_position_embeddings=300)
+    batch = causal_batch(2, 300, cfg.vocab_size)
+    results = []
+    for blocked in (True, False):
+        monkeypatch.setattr(ParallelSelfAttention, "blocked_causal_attention", blocked)
+        model = build(cfg)
+        loss = model.loss(batch)[0]
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=0)
+    for (name, _), a, w in zip(model.named_parameters(), results[0][1], results[1][1]):
+        torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_loss_is_masked_mean_over_true_vocab():
     model = build(tiny_cfg())
     batch = causal_batch(2, 16, 100)

@@ -82,11 +82,14 @@ def _train_with_masked_sparse_layers(rank, world, module, argv):
     block-sparse kernel draws its attention dropout over other shapes (its equality with the
     masked one is in tests/models/test_gpt_sparse_attention.py). The loss too is the recording's:
     logits, then the cross entropy (the fused head: tests/parallel/test_linear_cross_entropy.py).
-    The recording's GEMM library: torch's BLAS (oneDNN's products: tests/parallel/test_gemm.py)."""
+    The recording's GEMM library: torch's BLAS (oneDNN's products: tests/parallel/test_gemm.py),
+    and its causal attention: SDPA's kernel (the blocked one: tests/models/test_gpt.py)."""
+    from megatron_lite.models.blocks import ParallelSelfAttention
     from megatron_lite.models.gpt import GPTModel
     from megatron_lite.parallel.gemm import onednn_enabled
     GPTModel.block_sparse = False
     GPTModel.fused_head_loss = False
+    ParallelSelfAttention.blocked_causal_attention = False
     with onednn_enabled(False):
         return _train(rank, world, module, argv)
 
