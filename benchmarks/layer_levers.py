@@ -40,6 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from megatron_lite.cpu_kernels import use_attention_kernel  # noqa: E402
 from megatron_lite.models import GPTConfig  # noqa: E402
 from megatron_lite.models.blocks import causal_attention, qkv_heads  # noqa: E402
 from megatron_lite.models.gpt import GPTLayer  # noqa: E402
@@ -124,9 +125,21 @@ def _copy(t: torch.Tensor) -> nn.Parameter:
 
 
 def attention(args, layer: GPTLayer) -> Variant:
-    """Our attention block, causal, as the dense layers call it (on CPU in fp32: the blocked
-    causal attention, `blocks.causal_attention`)."""
+    """Our attention block, causal, as the dense layers call it (on CPU in fp32 with 64-wide heads:
+    our C++ kernel, `blocks.causal_attention`)."""
     return _shared(lambda x: layer.attn(x, None, True), {"attn": layer.attn})
+
+
+def blocked_gemm_attention(args, layer: GPTLayer) -> Variant:
+    """Our attention block with our C++ kernel turned off: causal attention by blocks of 128 query
+    rows as batched GEMMs (`blocks._QueryBlockedCausalAttention`)."""
+    def run(x):
+        previous = use_attention_kernel(False)  # the path is chosen in forward; backward follows
+        try:
+            return layer.attn(x, None, True)
+        finally:
+            use_attention_kernel(previous)
+    return _shared(run, {"attn": layer.attn})
 
 
 def flash_attention(args, layer: GPTLayer) -> Variant:
@@ -314,10 +327,14 @@ LEVERS = {
     "blocked_attention": Lever("causal attention by blocks of 128 query rows as batched GEMMs, "
                                "each block over only the keys it may see, the probabilities "
                                "kept for backward (off: SDPA's flash kernel)", flash_attention,
-                               attention, "on"),
+                               blocked_gemm_attention, "on where `attention_kernel` is not"),
+    "attention_kernel": Lever("causal attention through our C++ kernel (megatron_lite/"
+                              "cpu_kernels): 64-wide heads in register tiles of 8 query rows, "
+                              "the probabilities kept for backward (off: `blocked_attention`)",
+                              blocked_gemm_attention, attention, "on"),
     "gemm_attention": Lever("causal attention as one batched GEMM per layer over the whole "
                             "square: baddbmm onto the mask, softmax, bmm (off: ours, "
-                            "`blocked_attention`)", attention, gemm_attention, "off"),
+                            "`attention_kernel`)", attention, gemm_attention, "off"),
     "gelu_kernel": Lever("tanh GELU as one torch kernel (off: GPT-2's `gelu_new` pointwise ops)",
                          gelu_pointwise, mlp, "on"),
     "mlp_input_major": Lever("MLP weights [in, out], x @ W + b, GPT-2's layout "

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron_lite import cpu_kernels
 from megatron_lite.parallel import (ColumnParallelLinear, ParallelState, RNGContext,
                                     RowParallelLinear, copy_to_tp, mark_replicated, set_init)
 from megatron_lite.parallel.gemm import linear, matmul_nn, weight_gradient
@@ -424,10 +425,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """softmax(q kᵀ / sqrt(d) + causal mask) v for q, k, v [b, heads, T, d].
 
     On CPU in fp32 with gradients, outside torch.compile and autocast, for two blocks of query
-    rows or more and when its probabilities fit CAUSAL_BLOCK_MAX_BYTES, by blocks of query rows
-    as batched GEMMs (`_QueryBlockedCausalAttention`; 1.10x torch's flash kernel on the 106M's
-    attention block, forward and backward, but slower on one block of short heads: 0.70x at
-    [1, 4, 128, 16]); otherwise, or with `blocked=False`, SDPA's fused causal kernel."""
+    rows or more and when its probabilities fit CAUSAL_BLOCK_MAX_BYTES, it trains on a path of
+    its own: our C++ kernel for 64-wide heads and T a multiple of 32 where it is built
+    (`megatron_lite.cpu_kernels`; 1.4x the path below on the 106M's attention), else by blocks of
+    query rows as batched GEMMs (`_QueryBlockedCausalAttention`; 1.10x torch's flash kernel on
+    the 106M's attention block, but slower on one block of short heads: 0.70x at [1, 4, 128,
+    16]). Otherwise, or with `blocked=False`, it is SDPA's fused causal kernel."""
     b, h, t, d = q.shape
     kept = b * h * t * (t + CAUSAL_BLOCK_ROWS) // 2 * q.element_size()
     if (blocked and q.device.type == "cpu" and q.dtype == torch.float32
@@ -435,8 +438,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
             and kept <= CAUSAL_BLOCK_MAX_BYTES and not torch.compiler.is_compiling()
             and not torch.is_autocast_enabled("cpu")):
-        out = _QueryBlockedCausalAttention.apply(*(x.reshape(b * h, t, d) for x in (q, k, v)),
-                                                 CAUSAL_BLOCK_ROWS)
+        rows = [x.reshape(b * h, t, d) for x in (q, k, v)]
+        if cpu_kernels.attention_kernel_applies(q) and cpu_kernels.attention_kernel() is not None:
+            out = cpu_kernels.CausalAttention.apply(*(x.contiguous() for x in rows))
+        else:
+            out = _QueryBlockedCausalAttention.apply(*rows, CAUSAL_BLOCK_ROWS)
         return out.view(b, h, t, d)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
@@ -450,7 +456,8 @@ class ParallelSelfAttention(nn.Module):
     row-parallel: its all-reduce is the only communication of the block.
 
     Causal attention without dropout goes through `causal_attention`, whose CPU training path is
-    blocked GEMMs; `blocked_causal_attention = False` keeps it on SDPA's flash kernel.
+    our C++ kernel or blocked GEMMs; `blocked_causal_attention = False` keeps it on SDPA's flash
+    kernel.
     """
     blocked_causal_attention = True
 

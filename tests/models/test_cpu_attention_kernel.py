@@ -1,0 +1,114 @@
+"""Our C++ causal attention kernel (megatron_lite/cpu_kernels) against SDPA in float64, where
+causal_attention routes to it, and its fall-backs."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.utils.cpp_extension
+
+from megatron_lite import cpu_kernels
+from megatron_lite.models import blocks
+
+from tests.models.test_gpt import build, causal_batch, tiny_cfg
+
+HAS_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+needs_kernel = pytest.mark.skipif(not HAS_AVX512, reason="the kernel needs an AVX-512 CPU")
+
+
+def _grads(fn, q, k, v, grad):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad)), out.grad_fn
+
+
+@needs_kernel
+def test_the_kernel_builds_on_an_avx512_cpu():
+    # A broken build must fail here, not pass the equality tests below on the torch path.
+    assert cpu_kernels.attention_kernel() is not None, cpu_kernels._unavailable
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,t", [(1, 32), (3, 96), (2, 256)])
+def test_kernel_equals_sdpa_in_float64(n, t):
+    """Output and q, k, v gradients against SDPA in float64: one score tile, tiles that end
+    mid-block, and several."""
+    g = torch.Generator().manual_seed(t)
+    q, k, v, grad = (torch.randn(n, t, 64, generator=g, dtype=torch.float64) for _ in range(4))
+    want, _ = _grads(lambda *a: F.scaled_dot_product_attention(*a, is_causal=True), q, k, v, grad)
+    got, _ = _grads(lambda *a: cpu_kernels.CausalAttention.apply(*a),
+                    *(x.float() for x in (q, k, v)), grad.float())
+    for name, a, w in zip(("output", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a.double(), w, rtol=1e-5, atol=2e-5, msg=name)
+
+
+@needs_kernel
+def test_causal_attention_routes_64_wide_heads_to_the_kernel(monkeypatch):
+    """[b, h, T, 64] with T a multiple of 32 takes the kernel; other head widths, other lengths,
+    and the kernel turned off take the blocked GEMMs; results equal SDPA's either way."""
+    g = torch.Generator().manual_seed(0)
+
+    def check(shape, expect):
+        q, k, v, grad = (torch.randn(*shape, generator=g) for _ in range(4))
+        got, fn = _grads(blocks.causal_attention, q, k, v, grad)
+        assert expect in fn.next_functions[0][0].name()
+        want, _ = _grads(lambda *a: F.scaled_dot_product_attention(*a, is_causal=True),
+                         q, k, v, grad)
+        for name, a, w in zip(("output", "dq", "dk", "dv"), got, want):
+            torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5, msg=name)
+
+    check((2, 2, 256, 64), "CausalAttentionBackward")
+    check((1, 2, 256, 32), "QueryBlockedCausal")
+    check((1, 2, 300, 64), "QueryBlockedCausal")
+    previous = cpu_kernels.use_attention_kernel(False)
+    try:
+        check((2, 2, 256, 64), "QueryBlockedCausal")
+    finally:
+        cpu_kernels.use_attention_kernel(previous)
+
+
+def test_without_the_kernel_it_warns_once_and_trains_on_the_blocked_path(monkeypatch):
+    """A CPU without AVX-512 or a failed build: one warning naming why, then the torch path."""
+    monkeypatch.setattr(cpu_kernels, "_module", None)
+    monkeypatch.setattr(cpu_kernels, "_unavailable", None)
+    monkeypatch.setattr(cpu_kernels, "_enabled", True)
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    q = torch.randn(1, 2, 256, 64, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="did not build.*Ninja is required"):
+        out = blocks.causal_attention(q, q, q)
+    assert "QueryBlockedCausal" in out.grad_fn.next_functions[0][0].name()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        blocks.causal_attention(q, q, q)
+
+    monkeypatch.setattr(cpu_kernels, "_unavailable", None)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with pytest.warns(RuntimeWarning, match="no AVX-512"):
+        assert cpu_kernels.attention_kernel() is None
+
+
+@needs_kernel
+def test_gpt_with_the_kernel_trains_as_with_sdpa(monkeypatch):
+    """The whole GPT (64-wide heads, 256 tokens), fp32: loss and every gradient the same through
+    the kernel as through SDPA's flash kernel."""
+    from megatron_lite.models.blocks import ParallelSelfAttention
+    cfg = tiny_cfg(num_layers=2, hidden_size=128, num_attention_heads=2, ffn_hidden_size=256,
+                   max_position_embeddings=256)
+    batch = causal_batch(2, 256, cfg.vocab_size)
+    calls, apply = [], cpu_kernels.CausalAttention.apply
+    monkeypatch.setattr(cpu_kernels.CausalAttention, "apply",
+                        lambda *a: calls.append(1) or apply(*a))
+    results = []
+    for on_cpu_path in (True, False):
+        monkeypatch.setattr(ParallelSelfAttention, "blocked_causal_attention", on_cpu_path)
+        model = build(cfg)
+        loss = model.loss(batch)[0]
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    assert len(calls) == cfg.num_layers  # the first model's layers, not the second's
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=0)
+    for (name, _), a, w in zip(model.named_parameters(), results[0][1], results[1][1]):
+        torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-6, msg=name)
