@@ -325,8 +325,9 @@ def render(op_rows, model_rows, args, argv, started, load) -> str:
     lines += [
         "",
         "How: `megatron_lite/models/blocks.py::block_sparse_attention`. On CPU without dropout "
-        "it calls torch's flash kernel on the own blocks (batched as [blocks, heads, stride, d], "
-        f"causal) and on the summary rows (query chunks of {blocks._SUMMARY_CHUNK_ROWS} rows "
+        "it runs the own blocks (batched as [blocks, heads, stride, d], causal) on our C++ "
+        "kernel for 64-wide heads (`megatron_lite/cpu_kernels`), else on torch's flash kernel, "
+        f"and the summary rows on the flash kernel (query chunks of {blocks._SUMMARY_CHUNK_ROWS} rows "
         "against the summary rows of the blocks before them, block-causal mask), merges the two by log-sum-exp, and runs each "
         "part's flash backward against the merged output and log-sum-exp: it computes about "
         "T·(stride/2 + T/stride·summary/2) scores per head where the masked SDPA computes T², and "

@@ -8,6 +8,11 @@ at LingLong-106M's [12, 1024, 64] on 2 threads, and its attention block 1.12x as
 (BENCHMARKS.md, sections "Training throughput (GPT)" and "Layer levers", row
 `attention_kernel`).
 
+The same kernel has a second pair of entry points, `forward_lse`/`backward_lse`, that keep a
+log-sum-exp per row instead of the probabilities and recompute them in backward, where the
+softmax may span more keys than the kernel saw: LingLong's block-sparse layers run their own
+causal blocks through it (`models.blocks._own_blocks`).
+
 The build (about 25 s, once) goes through `torch.utils.cpp_extension` into
 `$TORCH_EXTENSIONS_DIR` (the Makefile keeps it in the virtual environment), as DeepSpeed's CPU ops
 do. Where it cannot build or run (no compiler, no AVX-512) callers fall back to the torch path

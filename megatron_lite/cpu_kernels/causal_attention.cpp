@@ -8,7 +8,8 @@
 // keep every operand of the inner loop in registers or L1 (megatron_lite/cpu_kernels/__init__.py).
 //
 // probs holds, per head, block b (rows 8b .. 8b+7) as 8 rows of 8b+8 columns at offset
-// 32 b (b + 1); the columns past a row's own position are zero.
+// 32 b (b + 1); the columns past a row's own position are zero. The *_lse entry points keep a
+// log-sum-exp per row instead and recompute the probabilities in backward.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -88,6 +89,79 @@ inline void add_at_b(float* acc, const float* a, int64_t lda, const float* b, in
   }
 }
 
+// Row r of a block (query i0 + r) sees keys 0 .. i0 + r. The softmax of its scores s [8, lds]
+// goes to p [8, ldp], zero from the row's own position + 1 up to kn; lse (if given) gets each
+// row's log-sum-exp of the scaled scores.
+inline void softmax_block(const float* s, int64_t lds, int64_t i0, int64_t kn, float scale,
+                          float* p, int64_t ldp, float* lse) {
+  for (int64_t r = 0; r < kRows; ++r) {
+    const float* row = s + r * lds;
+    const int64_t seen = i0 + r + 1;
+    float top = row[0];
+    for (int64_t c = 1; c < seen; ++c) top = std::max(top, row[c]);
+    float sum = 0.f;
+    float* prob = p + r * ldp;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < seen; ++c) {
+      const float e = std::exp((row[c] - top) * scale);
+      prob[c] = e;
+      sum += e;
+    }
+    const float inv = 1.0f / sum;
+#pragma omp simd
+    for (int64_t c = 0; c < seen; ++c) prob[c] *= inv;
+    for (int64_t c = seen; c < kn; ++c) prob[c] = 0.f;
+    if (lse != nullptr) lse[r] = top * scale + std::log(sum);
+  }
+}
+
+// The same probabilities again from the scores and a log-sum-exp per row (which may span more
+// keys than these: then they are this block's share of a wider softmax).
+inline void probs_from_lse(const float* s, int64_t lds, int64_t i0, int64_t kn, float scale,
+                           const float* lse, float* p, int64_t ldp) {
+  for (int64_t r = 0; r < kRows; ++r) {
+    const float* row = s + r * lds;
+    const int64_t seen = i0 + r + 1;
+    const float shift = lse[r];
+    float* prob = p + r * ldp;
+#pragma omp simd
+    for (int64_t c = 0; c < seen; ++c) prob[c] = std::exp(row[c] * scale - shift);
+    for (int64_t c = seen; c < kn; ++c) prob[c] = 0.f;
+  }
+}
+
+// One block's backward, given its probabilities p [8, ldp]: dq rows written, dk and dv rows
+// 0 .. kn - 1 of the head added to. g, o, q_rows: the block's 8 rows of dO, O and q.
+inline void backward_block(const float* g, const float* o, const float* p, int64_t ldp,
+                           const float* vt, const float* k, const float* q_rows, int64_t T,
+                           int64_t i0, int64_t kn, float scale, float* ds, float* dq_rows,
+                           float* dk, float* dv) {
+  const int64_t tiles = (kn + kCols - 1) / kCols;
+  for (int64_t tile = 0; tile < tiles; ++tile) {  // dP = dO v^T
+    tile_a_bt(ds + tile * kCols, T, g, vt + tile * kCols, T);
+  }
+  for (int64_t r = 0; r < kRows; ++r) {
+    // dS = P * (dP - rowsum(dP * P)), the row sum being rowsum(dO * O); times the scores'
+    // scale, which dq and dk take.
+    float row_dot = 0.f;
+#pragma omp simd reduction(+ : row_dot)
+    for (int64_t c = 0; c < kDim; ++c) row_dot += g[r * kDim + c] * o[r * kDim + c];
+    const float* prob = p + r * ldp;
+    float* row = ds + r * T;
+#pragma omp simd
+    for (int64_t c = 0; c < kn; ++c) row[c] = prob[c] * (row[c] - row_dot) * scale;
+  }
+  rows_a_b(dq_rows, ds, T, k, kn);
+  add_at_b(dk, ds, T, q_rows, kn);
+  add_at_b(dv, p, ldp, g, kn);
+}
+
+// Block b of a head, in an order that pairs blocks (j, blocks - 1 - j) of equal total work,
+// so that each thread's contiguous range gets its share of the triangle even for one head.
+inline int64_t paired_block(int64_t j, int64_t blocks) {
+  return j % 2 == 0 ? j / 2 : blocks - 1 - j / 2;
+}
+
 void check_inputs(const std::vector<torch::Tensor>& tensors) {
   const auto& q = tensors[0];
   TORCH_CHECK(q.dim() == 3 && q.size(2) == kDim && q.size(1) % kCols == 0,
@@ -104,96 +178,75 @@ void check_inputs(const std::vector<torch::Tensor>& tensors) {
 
 }  // namespace
 
-// (out, probs) of softmax(q k^T / 8 + causal mask) v.
-std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tensor v) {
+// softmax(q k^T / 8 + causal mask) v: (out, probs), or (out, lse) with `keep_lse`, where lse
+// [n, T] holds each row's log-sum-exp and backward recomputes the probabilities from it.
+std::vector<torch::Tensor> attend(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                  bool keep_lse) {
   check_inputs({q, k, v});
-  const int64_t n = q.size(0), T = q.size(1), blocks = T / kRows;
+  const int64_t n = q.size(0), T = q.size(1), blocks = T / kRows, per_head = block_offset(blocks);
   const float scale = 1.0f / std::sqrt(static_cast<float>(kDim));
   const auto kt = k.transpose(1, 2).contiguous();  // [n, 64, T]: score tiles read its rows
   auto out = torch::empty_like(q);
-  const int64_t per_head = block_offset(blocks);
-  auto probs = torch::empty({n, per_head}, q.options());
+  auto kept = keep_lse ? torch::empty({n, T}, q.options()) : torch::empty({n, per_head}, q.options());
   const float *Q = q.data_ptr<float>(), *KT = kt.data_ptr<float>(), *V = v.data_ptr<float>();
-  float *O = out.data_ptr<float>(), *P = probs.data_ptr<float>();
+  float *O = out.data_ptr<float>(), *kept_ptr = kept.data_ptr<float>();
   at::parallel_for(0, n * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(kRows * T);
+    std::vector<float> scratch((keep_lse ? 2 : 1) * kRows * T);
+    float* s = scratch.data();
     for (int64_t t = begin; t < end; ++t) {
-      // Blocks in pairs (j, blocks - 1 - j) of equal total work, so that each thread's
-      // contiguous range of t gets its share of the triangle even for one head.
-      const int64_t h = t / blocks, j = t % blocks;
-      const int64_t b = j % 2 == 0 ? j / 2 : blocks - 1 - j / 2;
+      const int64_t h = t / blocks, b = paired_block(t % blocks, blocks);
       const int64_t i0 = b * kRows, kn = i0 + kRows, tiles = (kn + kCols - 1) / kCols;
-      const float* q_rows = Q + (h * T + i0) * kDim;
-      float* p = P + h * per_head + block_offset(b);
-      float* s = scratch.data();
       for (int64_t tile = 0; tile < tiles; ++tile) {
-        tile_a_bt(s + tile * kCols, T, q_rows, KT + h * kDim * T + tile * kCols, T);
+        tile_a_bt(s + tile * kCols, T, Q + (h * T + i0) * kDim, KT + h * kDim * T + tile * kCols, T);
       }
-      for (int64_t r = 0; r < kRows; ++r) {
-        const float* row = s + r * T;
-        const int64_t seen = i0 + r + 1;  // keys 0 .. i0 + r
-        float top = row[0];
-        for (int64_t c = 1; c < seen; ++c) top = std::max(top, row[c]);
-        float sum = 0.f;
-        float* prob = p + r * kn;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t c = 0; c < seen; ++c) {
-          const float e = std::exp((row[c] - top) * scale);
-          prob[c] = e;
-          sum += e;
-        }
-        const float inv = 1.0f / sum;
-#pragma omp simd
-        for (int64_t c = 0; c < seen; ++c) prob[c] *= inv;
-        for (int64_t c = seen; c < kn; ++c) prob[c] = 0.f;
-      }
-      rows_a_b(O + (h * T + i0) * kDim, p, kn, V + h * T * kDim, kn);
+      float* p = keep_lse ? s + kRows * T : kept_ptr + h * per_head + block_offset(b);
+      const int64_t ldp = keep_lse ? T : kn;
+      softmax_block(s, T, i0, kn, scale, p, ldp, keep_lse ? kept_ptr + h * T + i0 : nullptr);
+      rows_a_b(O + (h * T + i0) * kDim, p, ldp, V + h * T * kDim, kn);
     }
   });
-  return {out, probs};
+  return {out, kept};
 }
 
-// (dq, dk, dv) from the output's gradient and what forward kept.
-std::vector<torch::Tensor> backward(torch::Tensor grad, torch::Tensor q, torch::Tensor k,
-                                    torch::Tensor v, torch::Tensor out, torch::Tensor probs) {
-  check_inputs({q, k, v, grad, out, probs});
+// (dq, dk, dv) from the output's gradient and what `attend` kept: probs, or with `from_lse` a
+// log-sum-exp per row (out and lse may be those of a wider softmax that these keys are part of).
+std::vector<torch::Tensor> attend_backward(torch::Tensor grad, torch::Tensor q, torch::Tensor k,
+                                           torch::Tensor v, torch::Tensor out,
+                                           torch::Tensor kept, bool from_lse) {
+  check_inputs({q, k, v, grad, out, kept});
   const int64_t n = q.size(0), T = q.size(1), blocks = T / kRows, per_head = block_offset(blocks);
-  TORCH_CHECK(grad.sizes() == q.sizes() && out.sizes() == q.sizes() &&
-                  probs.dim() == 2 && probs.size(0) == n && probs.size(1) == per_head,
+  TORCH_CHECK(grad.sizes() == q.sizes() && out.sizes() == q.sizes() && kept.dim() == 2 &&
+                  kept.size(0) == n && kept.size(1) == (from_lse ? T : per_head),
               "causal_attention kernel: backward's tensors do not match its forward's");
   const float scale = 1.0f / std::sqrt(static_cast<float>(kDim));
   const auto vt = v.transpose(1, 2).contiguous();  // [n, 64, T]
+  const auto kt = from_lse ? k.transpose(1, 2).contiguous() : torch::Tensor();
   auto dq = torch::empty_like(q), dk = torch::zeros_like(k), dv = torch::zeros_like(v);
   const float *G = grad.data_ptr<float>(), *Q = q.data_ptr<float>(), *K = k.data_ptr<float>();
-  const float *VT = vt.data_ptr<float>(), *O = out.data_ptr<float>(), *P = probs.data_ptr<float>();
+  const float *VT = vt.data_ptr<float>(), *O = out.data_ptr<float>();
+  const float *kept_ptr = kept.data_ptr<float>(), *KT = from_lse ? kt.data_ptr<float>() : nullptr;
   float *dQ = dq.data_ptr<float>(), *dK = dk.data_ptr<float>(), *dV = dv.data_ptr<float>();
   // By heads: every block of a head adds into all of that head's dk and dv rows before it.
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(kRows * T);
-    float* ds = scratch.data();
+    std::vector<float> scratch((from_lse ? 3 : 1) * kRows * T);
+    float *ds = scratch.data(), *s = ds + kRows * T, *p_lse = s + kRows * T;
     for (int64_t h = begin; h < end; ++h) {
       for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t i0 = b * kRows, kn = i0 + kRows, tiles = (kn + kCols - 1) / kCols;
-        const float* p = P + h * per_head + block_offset(b);
-        const float* g = G + (h * T + i0) * kDim;
-        for (int64_t tile = 0; tile < tiles; ++tile) {  // dP = dO v^T
-          tile_a_bt(ds + tile * kCols, T, g, VT + h * kDim * T + tile * kCols, T);
+        const int64_t i0 = b * kRows, kn = i0 + kRows;
+        const float* p = kept_ptr + h * per_head + block_offset(b);
+        int64_t ldp = kn;
+        if (from_lse) {
+          const int64_t tiles = (kn + kCols - 1) / kCols;
+          for (int64_t tile = 0; tile < tiles; ++tile) {
+            tile_a_bt(s + tile * kCols, T, Q + (h * T + i0) * kDim, KT + h * kDim * T + tile * kCols, T);
+          }
+          probs_from_lse(s, T, i0, kn, scale, kept_ptr + h * T + i0, p_lse, T);
+          p = p_lse;
+          ldp = T;
         }
-        for (int64_t r = 0; r < kRows; ++r) {
-          // dS = P * (dP - rowsum(dP * P)), the row sum being rowsum(dO * O); times the
-          // scores' scale, which dq and dk take.
-          const float* o = O + (h * T + i0 + r) * kDim;
-          float row_dot = 0.f;
-#pragma omp simd reduction(+ : row_dot)
-          for (int64_t c = 0; c < kDim; ++c) row_dot += g[r * kDim + c] * o[c];
-          const float* prob = p + r * kn;
-          float* row = ds + r * T;
-#pragma omp simd
-          for (int64_t c = 0; c < kn; ++c) row[c] = prob[c] * (row[c] - row_dot) * scale;
-        }
-        rows_a_b(dQ + (h * T + i0) * kDim, ds, T, K + h * T * kDim, kn);
-        add_at_b(dK + h * T * kDim, ds, T, Q + (h * T + i0) * kDim, kn);
-        add_at_b(dV + h * T * kDim, p, kn, g, kn);
+        backward_block(G + (h * T + i0) * kDim, O + (h * T + i0) * kDim, p, ldp,
+                       VT + h * kDim * T, K + h * T * kDim, Q + (h * T + i0) * kDim, T, i0, kn,
+                       scale, ds, dQ + (h * T + i0) * kDim, dK + h * T * kDim, dV + h * T * kDim);
       }
     }
   });
@@ -201,6 +254,16 @@ std::vector<torch::Tensor> backward(torch::Tensor grad, torch::Tensor q, torch::
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "causal attention forward (out, probs)");
-  m.def("backward", &backward, "causal attention backward (dq, dk, dv)");
+  m.def("forward", [](torch::Tensor q, torch::Tensor k, torch::Tensor v) { return attend(q, k, v, false); },
+        "causal attention forward: (out, probs)");
+  m.def("backward", [](torch::Tensor g, torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                       torch::Tensor out, torch::Tensor probs) {
+          return attend_backward(g, q, k, v, out, probs, false);
+        }, "causal attention backward from the kept probabilities: (dq, dk, dv)");
+  m.def("forward_lse", [](torch::Tensor q, torch::Tensor k, torch::Tensor v) { return attend(q, k, v, true); },
+        "causal attention forward: (out, log-sum-exp per row)");
+  m.def("backward_lse", [](torch::Tensor g, torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                           torch::Tensor out, torch::Tensor lse) {
+          return attend_backward(g, q, k, v, out, lse, true);
+        }, "causal attention backward, the probabilities recomputed from log-sum-exps: (dq, dk, dv)");
 }

@@ -118,8 +118,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st
     `rng.fork`). stride >= s is plain causal attention, summary 0 independent causal blocks.
 
     On CPU without dropout it runs torch's flash kernel twice (own blocks, batched as
-    [b·blocks, heads, stride, d] with is_causal; the summary rows, in chunks of query rows with a
-    block-causal mask) and merges the two by log-sum-exp; the backward runs the flash backward of
+    [b·blocks, heads, stride, d] with is_causal, or our C++ kernel for them in fp32 with 64-wide
+    heads; the summary rows, in chunks of query rows with a block-causal mask) and merges the
+    two by log-sum-exp; the backward runs the flash backward of
     each part against the merged output and log-sum-exp, so the memory kept is q, k, v, the
     output and the log-sum-exp. Elsewhere (dropout, other devices) one SDPA call attends each
     query block to its own [summary rows of all blocks, own block] keys under a mask.
@@ -220,16 +221,47 @@ def _summary_chunks(n: int, stride: int, summary: int, dtype, device):
         yield slice(j0 * stride, j1 * stride), j1 - 1, mask
 
 
+def _kernel_takes_blocks(q: torch.Tensor) -> bool:
+    return (cpu_kernels.attention_kernel_applies(q) and not torch.compiler.is_compiling()
+            and cpu_kernels.attention_kernel() is not None)
+
+
+def _own_blocks(q, k, v, scale: float):
+    """Causal attention within each block, q, k, v [blocks, h, stride, d] -> (out, log-sum-exp
+    [blocks, h, stride]): our C++ kernel for 64-wide heads and strides that are multiples of 32
+    (`megatron_lite.cpu_kernels`), else torch's flash kernel; their log-sum-exps mean the same,
+    so either backward takes either forward's."""
+    if _kernel_takes_blocks(q):
+        nb, h, t, d = q.shape
+        out, lse = cpu_kernels.attention_kernel().forward_lse(
+            *(x.reshape(nb * h, t, d).contiguous() for x in (q, k, v)))
+        return out.view(nb, h, t, d), lse.view(nb, h, t)
+    return _FLASH(q, k, v, is_causal=True, scale=scale)
+
+
+def _own_blocks_backward(grad, q, k, v, out, lse, scale: float):
+    """dq, dk, dv [blocks, h, stride, d] of `_own_blocks` given the merged output and
+    log-sum-exp of the whole pattern (see `_sparse_flash_backward`)."""
+    if _kernel_takes_blocks(q):
+        nb, h, t, d = q.shape
+        rows = (x.reshape(nb * h, t, d).contiguous() for x in (grad, q, k, v, out))
+        grads = cpu_kernels.attention_kernel().backward_lse(
+            *rows, lse.reshape(nb * h, t).contiguous())
+        return tuple(g.view(nb, h, t, d) for g in grads)
+    return _FLASH_BACKWARD(grad, q, k, v, out, lse, 0.0, True, scale=scale)[:3]
+
+
 def _sparse_flash_forward(q, k, v, stride: int, summary: int):
-    """The block-sparse forward on torch's CPU flash kernel (`block_sparse_attention`):
-    (out [b, h, n, d], log-sum-exp [b, h, n]) over the rows padded to n, a multiple of stride.
+    """The block-sparse forward on torch's CPU flash kernel (`block_sparse_attention`; the own
+    blocks on our C++ kernel where `_own_blocks` takes it): (out [b, h, n, d], log-sum-exp
+    [b, h, n]) over the rows padded to n, a multiple of stride.
     Every query attends at least its own position, so no row of either part is fully masked and
     the log-sum-exps are finite."""
     b, h, s, d = q.shape
     n = -(-s // stride) * stride
     q, k, v = (_pad_rows(t, n) for t in (q, k, v))
     scale = d ** -0.5
-    out, lse = _FLASH(*(_to_blocks(t, stride) for t in (q, k, v)), is_causal=True, scale=scale)
+    out, lse = _own_blocks(*(_to_blocks(t, stride) for t in (q, k, v)), scale)
     out, lse = _from_blocks(out, b), _from_blocks(lse, b)  # [b, h, n, d], [b, h, n]
     if summary:
         ks, vs = _summary_keys(k, v, stride, summary)
@@ -256,8 +288,8 @@ def _sparse_flash_backward(grad, q, k, v, out, lse, stride: int, summary: int):
     n = out.shape[2]
     q, k, v, grad = (_pad_rows(t, n) for t in (q, k, v, grad))
     scale = d ** -0.5
-    grads = _FLASH_BACKWARD(*(_to_blocks(t, stride) for t in (grad, q, k, v, out)),
-                            _to_blocks(lse, stride), 0.0, True, scale=scale)
+    grads = _own_blocks_backward(*(_to_blocks(t, stride) for t in (grad, q, k, v, out)),
+                                 _to_blocks(lse, stride), scale)
     dq, dk, dv = (_from_blocks(t, b) for t in grads)
     if summary:
         ks, vs = _summary_keys(k, v, stride, summary)

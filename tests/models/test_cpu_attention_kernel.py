@@ -112,3 +112,30 @@ def test_gpt_with_the_kernel_trains_as_with_sdpa(monkeypatch):
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=0)
     for (name, _), a, w in zip(model.named_parameters(), results[0][1], results[1][1]):
         torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@needs_kernel
+@pytest.mark.parametrize("s,stride,summary", [(256, 64, 8), (200, 32, 4)])
+def test_block_sparse_own_blocks_on_the_kernel_equal_float64(s, stride, summary, monkeypatch):
+    """LingLong's block-sparse op runs its own causal blocks through the kernel's log-sum-exp
+    forward and the backward that recomputes the probabilities from the merged log-sum-exp of
+    both parts; output and q, k, v gradients against the op in float64 (torch's flash kernel),
+    with a padded last block (200)."""
+    built, calls = cpu_kernels.attention_kernel(), []
+
+    class Counting:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(built, name)
+    monkeypatch.setattr(cpu_kernels, "attention_kernel", lambda: Counting())
+    g = torch.Generator().manual_seed(s)
+    q, k, v, grad = (torch.randn(2, 3, s, 64, generator=g, dtype=torch.float64) for _ in range(4))
+
+    def sparse(*a):
+        return blocks.block_sparse_attention(*a, stride, summary)
+    want, _ = _grads(sparse, q, k, v, grad)
+    assert calls == []  # float64 stays on the flash kernel
+    got, _ = _grads(sparse, *(x.float() for x in (q, k, v)), grad.float())
+    assert calls == ["forward_lse", "backward_lse"]
+    for name, a, w in zip(("output", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a.double(), w, rtol=1e-5, atol=2e-5, msg=name)
