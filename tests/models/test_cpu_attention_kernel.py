@@ -10,7 +10,8 @@ import torch.utils.cpp_extension
 from megatron_lite import cpu_kernels
 from megatron_lite.models import blocks
 
-from tests.models.test_gpt import build, causal_batch, tiny_cfg
+from tests.models.test_gpt import (assert_trains_alike_with_and_without_the_cpu_path,
+                                   causal_batch, tiny_cfg)
 
 HAS_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 needs_kernel = pytest.mark.skipif(not HAS_AVX512, reason="the kernel needs an AVX-512 CPU")
@@ -95,23 +96,14 @@ def test_without_the_kernel_it_warns_once_and_trains_on_the_blocked_path(monkeyp
 def test_gpt_with_the_kernel_trains_as_with_sdpa(monkeypatch):
     """The whole GPT (64-wide heads, 256 tokens), fp32: loss and every gradient the same through
     the kernel as through SDPA's flash kernel."""
-    from megatron_lite.models.blocks import ParallelSelfAttention
     cfg = tiny_cfg(num_layers=2, hidden_size=128, num_attention_heads=2, ffn_hidden_size=256,
                    max_position_embeddings=256)
-    batch = causal_batch(2, 256, cfg.vocab_size)
     calls, apply = [], cpu_kernels.CausalAttention.apply
     monkeypatch.setattr(cpu_kernels.CausalAttention, "apply",
                         lambda *a: calls.append(1) or apply(*a))
-    results = []
-    for on_cpu_path in (True, False):
-        monkeypatch.setattr(ParallelSelfAttention, "blocked_causal_attention", on_cpu_path)
-        model = build(cfg)
-        loss = model.loss(batch)[0]
-        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    assert_trains_alike_with_and_without_the_cpu_path(cfg, causal_batch(2, 256, cfg.vocab_size),
+                                                      monkeypatch)
     assert len(calls) == cfg.num_layers  # the first model's layers, not the second's
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=0)
-    for (name, _), a, w in zip(model.named_parameters(), results[0][1], results[1][1]):
-        torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @needs_kernel

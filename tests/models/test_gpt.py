@@ -184,21 +184,26 @@ def test_blocked_causal_attention_only_where_it_pays(monkeypatch):
         blocks.causal_attention(q, q, q)
 
 
-def test_gpt_with_blocked_attention_trains_as_with_sdpa(monkeypatch):
-    """The whole GPT, fp32: loss and every gradient the same with the blocked causal attention
-    as with SDPA's kernel (`ParallelSelfAttention.blocked_causal_attention`)."""
+def assert_trains_alike_with_and_without_the_cpu_path(cfg, batch, monkeypatch):
+    """A fresh GPT's loss and every gradient, fp32, the same with causal attention's CPU training
+    path on (`ParallelSelfAttention.blocked_causal_attention`) as with SDPA's flash kernel."""
     from megatron_lite.models.blocks import ParallelSelfAttention
-    cfg = tiny_cfg(num_layers=2, max_position_embeddings=300)
-    batch = causal_batch(2, 300, cfg.vocab_size)
     results = []
-    for blocked in (True, False):
-        monkeypatch.setattr(ParallelSelfAttention, "blocked_causal_attention", blocked)
+    for on_cpu_path in (True, False):
+        monkeypatch.setattr(ParallelSelfAttention, "blocked_causal_attention", on_cpu_path)
         model = build(cfg)
         loss = model.loss(batch)[0]
         results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=0)
     for (name, _), a, w in zip(model.named_parameters(), results[0][1], results[1][1]):
         torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gpt_with_blocked_attention_trains_as_with_sdpa(monkeypatch):
+    """The whole GPT (16-wide heads: the blocked path, not the C++ kernel) against SDPA."""
+    cfg = tiny_cfg(num_layers=2, max_position_embeddings=300)
+    assert_trains_alike_with_and_without_the_cpu_path(cfg, causal_batch(2, 300, cfg.vocab_size),
+                                                      monkeypatch)
 
 
 def test_loss_is_masked_mean_over_true_vocab():
