@@ -79,17 +79,18 @@ def attention_kernel():
                 _unavailable = f"it did not build ({type(e).__name__}: {str(e).strip()[:300]})"
         if _unavailable is not None:
             warnings.warn(f"megatron_lite: the CPU causal attention kernel is off: {_unavailable}; "
-                          "causal attention runs on torch's batched GEMMs instead (slower, "
-                          "same results)", RuntimeWarning, stacklevel=2)
+                          "causal attention runs on torch's kernels instead (slower, same "
+                          "results)", RuntimeWarning, stacklevel=2)
             return None
     return _module
 
 
-def attention_kernel_applies(q: torch.Tensor) -> bool:
-    """True when q (and k, v of its shape) [..., T, d] fit the kernel: d = 64, T a multiple of
-    32, fp32 on CPU."""
-    return (q.size(-1) == HEAD_DIM and q.size(-2) % SEQ_MULTIPLE == 0 and q.device.type == "cpu"
-            and q.dtype == torch.float32)
+def attention_kernel_for(q: torch.Tensor):
+    """The built extension when q (and k, v of its shape) [..., T, d] fit it: d = 64, T a
+    multiple of 32, fp32 on CPU, outside torch.compile; else None."""
+    fits = (q.size(-1) == HEAD_DIM and q.size(-2) % SEQ_MULTIPLE == 0 and q.device.type == "cpu"
+            and q.dtype == torch.float32 and not torch.compiler.is_compiling())
+    return attention_kernel() if fits else None
 
 
 class CausalAttention(torch.autograd.Function):

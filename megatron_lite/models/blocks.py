@@ -221,19 +221,15 @@ def _summary_chunks(n: int, stride: int, summary: int, dtype, device):
         yield slice(j0 * stride, j1 * stride), j1 - 1, mask
 
 
-def _kernel_takes_blocks(q: torch.Tensor) -> bool:
-    return (cpu_kernels.attention_kernel_applies(q) and not torch.compiler.is_compiling()
-            and cpu_kernels.attention_kernel() is not None)
-
-
 def _own_blocks(q, k, v, scale: float):
     """Causal attention within each block, q, k, v [blocks, h, stride, d] -> (out, log-sum-exp
     [blocks, h, stride]): our C++ kernel for 64-wide heads and strides that are multiples of 32
     (`megatron_lite.cpu_kernels`), else torch's flash kernel; their log-sum-exps mean the same,
     so either backward takes either forward's."""
-    if _kernel_takes_blocks(q):
+    kernel = cpu_kernels.attention_kernel_for(q)
+    if kernel is not None:
         nb, h, t, d = q.shape
-        out, lse = cpu_kernels.attention_kernel().forward_lse(
+        out, lse = kernel.forward_lse(
             *(x.reshape(nb * h, t, d).contiguous() for x in (q, k, v)))
         return out.view(nb, h, t, d), lse.view(nb, h, t)
     return _FLASH(q, k, v, is_causal=True, scale=scale)
@@ -242,10 +238,11 @@ def _own_blocks(q, k, v, scale: float):
 def _own_blocks_backward(grad, q, k, v, out, lse, scale: float):
     """dq, dk, dv [blocks, h, stride, d] of `_own_blocks` given the merged output and
     log-sum-exp of the whole pattern (see `_sparse_flash_backward`)."""
-    if _kernel_takes_blocks(q):
+    kernel = cpu_kernels.attention_kernel_for(q)
+    if kernel is not None:
         nb, h, t, d = q.shape
         rows = (x.reshape(nb * h, t, d).contiguous() for x in (grad, q, k, v, out))
-        grads = cpu_kernels.attention_kernel().backward_lse(
+        grads = kernel.backward_lse(
             *rows, lse.reshape(nb * h, t).contiguous())
         return tuple(g.view(nb, h, t, d) for g in grads)
     return _FLASH_BACKWARD(grad, q, k, v, out, lse, 0.0, True, scale=scale)[:3]
@@ -471,7 +468,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             and kept <= CAUSAL_BLOCK_MAX_BYTES and not torch.compiler.is_compiling()
             and not torch.is_autocast_enabled("cpu")):
         rows = [x.reshape(b * h, t, d) for x in (q, k, v)]
-        if cpu_kernels.attention_kernel_applies(q) and cpu_kernels.attention_kernel() is not None:
+        if cpu_kernels.attention_kernel_for(q) is not None:
             out = cpu_kernels.CausalAttention.apply(*(x.contiguous() for x in rows))
         else:
             out = _QueryBlockedCausalAttention.apply(*rows, CAUSAL_BLOCK_ROWS)
