@@ -56,6 +56,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
+from megatron_lite import cpu_kernels  # noqa: E402
 from megatron_lite.models import get_model_spec, model_names  # noqa: E402
 from megatron_lite.parallel import ParallelState, RNGContext, gemm, initialize_parameters  # noqa: E402
 from megatron_lite.parallel.launch import free_port, keep_freed_memory  # noqa: E402
@@ -140,6 +141,9 @@ class Variant:
     onednn: bool = True
     """Ours: the layers' GEMMs on oneDNN where they apply (`megatron_lite.parallel.gemm`);
     False: on torch's BLAS."""
+    attention_kernel: bool = True
+    """Ours: attention on our C++ kernel where it applies (`megatron_lite.cpu_kernels`); False:
+    on torch's kernels."""
 
 
 def parse_args(argv):
@@ -291,6 +295,10 @@ def variants(model: str, cfg, args) -> list[Variant]:
     if gemm.onednn_available() and model in GOALS:  # the GEMM lever where a goal is at stake
         out.append(Variant("ours-blas", model, f"{title}, GEMMs on torch's BLAS (lever off)",
                            attention_label(base), base, onednn=False))
+    if cpu_kernels.attention_kernel() is not None and model in GOALS:  # the attention lever
+        out.append(Variant("ours-torch-attention", model,
+                           f"{title}, attention on torch's kernels (lever off)",
+                           attention_label(base), base, attention_kernel=False))
     if sparse:
         out.append(Variant("ours-sparse", model, title, attention_label(cfg), cfg))
     peers = []
@@ -412,6 +420,7 @@ def make_engine(v: Variant, tcfg: TrainingConfig, ds_path: str, ps: ParallelStat
 def train_step(engine, v: Variant, batch: dict, state):
     """One step; the model's next per-stream state (XL memory), detached, or None."""
     gemm.use_onednn(v.onednn)
+    cpu_kernels.use_attention_kernel(v.attention_kernel)
     loss, _, state = engine(batch, state)
     engine.backward(loss)
     engine.step()
@@ -709,6 +718,11 @@ def render(rows: list[dict], args, argv: list[str], ds_path: str, tcfg: Training
                      "torch's BLAS (MKL), where the other rows of ours run the layers' products "
                      "on oneDNN where it is faster (`megatron_lite.parallel.gemm`; "
                      "`MEGATRON_LITE_CPU_GEMM=blas` does the same).")
+    if any(r["key"] == "ours-torch-attention" for r in rows):
+        notes.append("The *attention on torch's kernels* row is ours with our C++ attention "
+                     "kernel off (`megatron_lite.cpu_kernels`; "
+                     "`MEGATRON_LITE_CPU_ATTENTION_KERNEL=0` does the same), its attention on "
+                     "the torch paths it falls back to.")
     if has_peer:
         notes.append("*ours/theirs* is tokens/s of the row over tokens/s of the transformers "
                      "model (the reference row), the median of per-round ratios of wall-clock "
@@ -799,6 +813,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # The trainer's process setup on CPU (`init_distributed`), for every row alike.
     args.kept_freed_memory = keep_freed_memory()
     previous_threads = torch.get_num_threads()
+    previous_kernel = cpu_kernels.use_attention_kernel(True)
     torch.set_num_threads(args.threads)
     _quiet(get_model_spec(args.model).benchmark_peer is not None)
     env_before = {k: os.environ.get(k) for k in _LAUNCHER_ENV}
@@ -819,6 +834,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 else:
                     os.environ[key] = value
         torch.set_num_threads(previous_threads)
+        cpu_kernels.use_attention_kernel(previous_kernel)
     block = render(rows, args, argv, ds_path, training_config(1), peak, started,
                    (load_start, os.getloadavg()[0]), shapes)
     print(block)

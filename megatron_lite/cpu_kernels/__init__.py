@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("causal_attention.cpp")
+_SOURCE = Path(__file__).with_name("attention.cpp")
 # -march=native, as DeepSpeed builds its CPU ops: with only the AVX-512 flags (-mavx512f ...)
 # the forward ran 1.75x slower here (19.5 against 11.1 ms at [12, 1024, 64]). The build's name
 # carries this CPU's feature flags, so that machines sharing $TORCH_EXTENSIONS_DIR never load
@@ -52,7 +52,7 @@ def _build_name() -> str:
     except OSError:
         cpu = ""
     cpu = cpu or platform.processor() or platform.machine()
-    return "megatron_lite_causal_attention_" + hashlib.sha1(cpu.encode()).hexdigest()[:10]
+    return "megatron_lite_attention_" + hashlib.sha1(cpu.encode()).hexdigest()[:10]
 
 
 def use_attention_kernel(enabled: bool) -> bool:
@@ -107,3 +107,38 @@ class CausalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return tuple(ctx.kernel.backward(grad.contiguous(), *ctx.saved_tensors))
+
+
+def biased_kernel_for(q: torch.Tensor, k: torch.Tensor):
+    """The built extension when q [b, h, S, d] over k [b, h, T, d] fit its biased attention:
+    d = 64, S a multiple of 8, T of 32, fp32 on CPU, outside torch.compile; else None."""
+    fits = (q.size(-1) == HEAD_DIM and q.size(-2) % 8 == 0 and k.size(-2) % SEQ_MULTIPLE == 0
+            and q.device.type == "cpu" and q.dtype == torch.float32
+            and not torch.compiler.is_compiling())
+    return attention_kernel() if fits else None
+
+
+class BiasedAttention(torch.autograd.Function):
+    """softmax(q kᵀ · scale + bias) v for fp32 q [b, h, S, 64] over k, v [b, h, T, 64] through
+    the kernel, with the bias's gradient when it takes one. The bias broadcasts to
+    [b, h, S, T] (each dim its own size or 1) and is read in place; the probabilities
+    [b, h, S, T] are kept for backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale):
+        ctx.kernel = attention_kernel()  # the caller checked that it is there
+        if bias.stride(-1) != 1:
+            bias = bias.contiguous()
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out, probs = ctx.kernel.biased_forward(q, k, v, bias, scale)
+        ctx.save_for_backward(q, k, v, out, probs)
+        ctx.scale, ctx.bias_shape = scale, bias.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        dq, dk, dv, dbias = ctx.kernel.biased_backward(
+            grad.contiguous(), *ctx.saved_tensors, ctx.scale, ctx.needs_input_grad[3])
+        if dbias is not None:
+            dbias = dbias.sum_to_size(ctx.bias_shape)
+        return dq, dk, dv, dbias, None

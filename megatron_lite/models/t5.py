@@ -45,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from megatron_lite import cpu_kernels
 from megatron_lite.data.config import DataConfig
 from megatron_lite.data.contract import Datasets
 from megatron_lite.data.indexed_dataset import IndexedDataset
@@ -279,6 +280,10 @@ def _biased_attention(q, k, v, bias):
     return torch.bmm(scores.softmax(-1), v.reshape(b * h, t, d)).view(b, h, s, d)
 
 
+def _trains(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class T5Attention(nn.Module):
     """Multi-head attention (self or cross) with heads sharded over TP and no score scaling.
 
@@ -322,7 +327,11 @@ class T5Attention(nn.Module):
             with self.rng.fork(self.site, tp_region=True):
                 ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p,
                                                      scale=1.0)
-        elif bias.requires_grad and q.device.type == "cpu":
+        elif _trains(q, k, v, bias) and cpu_kernels.biased_kernel_for(q, k) is not None:
+            if bias is None:
+                bias = q.new_zeros(1, 1, 1, k.shape[2])
+            ctx = cpu_kernels.BiasedAttention.apply(q, k, v, bias, 1.0)
+        elif bias is not None and bias.requires_grad and q.device.type == "cpu":
             ctx = _biased_attention(q, k, v, bias)
         else:
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
@@ -423,12 +432,14 @@ class T5Stack(nn.Module):
         q_len - 1 - i, so unfold (a view) gives the rows in reverse and one flip copies them into
         place. In backward the per-distance gradient is a sum along the diagonals (unfold's
         backward) instead of an embedding backward over q_len * k_len indices (3x faster at
-        512 x 512 on CPU)."""
+        512 x 512 on CPU). The flip's output takes its input's layout, so the small per-distance
+        table is made row-major first: the bias comes out contiguous, as the attention kernel
+        reads it in place (a transposed one cost a [heads, q, k] copy per layer)."""
         distance = torch.arange(-(past + q_len - 1), k_len - past, device=device)
         buckets = relative_position_bucket(distance, bidirectional=not self.is_decoder,
                                            num_buckets=self.cfg.relative_attention_num_buckets,
                                            max_distance=self.cfg.relative_attention_max_distance)
-        per_distance = F.embedding(buckets, self.relative_attention_bias).t()  # [heads, q+k-1]
+        per_distance = F.embedding(buckets, self.relative_attention_bias).t().contiguous()
         return per_distance.unfold(1, k_len, 1).flip(1).unsqueeze(0)
 
     def forward(self, x, keep=None, memory=None, memory_keep=None, cache=None):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from benchmarks import train_throughput as tt
+from megatron_lite import cpu_kernels
 from megatron_lite.models import get_model_spec
 from megatron_lite.parallel import gemm
 
@@ -20,12 +21,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # The lever-off row of ours' oneDNN GEMMs, for the models with a goal against their peer.
 BLAS = ["ours-blas"] if gemm.onednn_available() else []
+# ... and of our C++ attention kernel, where it builds.
+KERNEL = ["ours-torch-attention"] if cpu_kernels.attention_kernel() is not None else []
 # model -> (row keys, extra flags, peer class shown, memory probed). One model probes memory
 # (a fresh process per row): the one with a single row.
 CASES = {
-    "gpt": (["ours", "ours-unfused", *BLAS, "ours-sparse", "hf", "hf-tanh"], [],
+    "gpt": (["ours", "ours-unfused", *BLAS, *KERNEL, "ours-sparse", "hf", "hf-tanh"], [],
             "HF GPT2LMHeadModel (gelu_new)", False),
-    "t5": (["ours", "ours-unfused", *BLAS, "hf"], ["--decoder-seq-length", "16"],
+    "t5": (["ours", "ours-unfused", *BLAS, *KERNEL, "hf"], ["--decoder-seq-length", "16"],
            "HF T5ForConditionalGeneration", False),
     "longformer": (["ours", "hf"], [], "HF LongformerForMaskedLM", False),
     "transformer_xl": (["ours"], [], None, True),
@@ -92,6 +95,8 @@ def test_smoke_run_reports_every_row(model, tmp_path, capsys):
         assert "(gelu_pytorch_tanh)" in table[keys.index("hf-tanh")]
     if "ours-blas" in keys:
         assert "GEMMs on torch's BLAS (lever off)" in table[keys.index("ours-blas")]
+    if "ours-torch-attention" in keys:
+        assert "attention on torch's kernels (lever off)" in table[keys.index("ours-torch-attention")]
 
     tt.update_markdown(str(out), "second run", model)  # a rerun replaces its block, nothing else
     text = out.read_text(encoding="utf-8")

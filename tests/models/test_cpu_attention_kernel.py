@@ -131,3 +131,62 @@ def test_block_sparse_own_blocks_on_the_kernel_equal_float64(s, stride, summary,
     assert calls == ["forward_lse", "backward_lse"]
     for name, a, w in zip(("output", "dq", "dk", "dv"), got, want):
         torch.testing.assert_close(a.double(), w, rtol=1e-5, atol=2e-5, msg=name)
+
+
+# ------------------------------------------------------------------- biased attention (T5)
+
+@needs_kernel
+@pytest.mark.parametrize("b,h,s,t,bias_shape,scale", [
+    (1, 3, 64, 64, (1, 3, 64, 64), 1.0),    # T5's self-attention bias: positions, per head
+    (2, 2, 24, 96, (2, 2, 24, 96), 1.0),    # per batch row too; S a multiple of 8 only
+    (2, 3, 16, 32, (2, 1, 1, 32), 0.125),   # a key mask broadcast over heads and rows, scaled
+])
+def test_biased_kernel_equals_float64(b, h, s, t, bias_shape, scale):
+    """softmax(q kᵀ · scale + bias) v and the q, k, v and bias gradients (summed over the bias's
+    broadcast dims) against the same arithmetic in float64, with T5's mask value in the bias."""
+    g = torch.Generator().manual_seed(s + t)
+    q, grad = (torch.randn(b, h, s, 64, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(b, h, t, 64, generator=g, dtype=torch.float64) for _ in range(2))
+    bias = torch.randn(bias_shape, generator=g, dtype=torch.float64)
+    bias[..., -5:] = torch.finfo(torch.float32).min  # masked keys, as T5 masks them
+
+    def grads(fn, *inputs):
+        inputs = [x.detach().requires_grad_() for x in inputs]
+        out = fn(*inputs)
+        return (out, *torch.autograd.grad(out, inputs, grad.to(out.dtype)))
+    want = grads(lambda q, k, v, bias: ((q @ k.transpose(-1, -2)) * scale + bias).softmax(-1) @ v,
+                 q, k, v, bias)
+    got = grads(lambda *a: cpu_kernels.BiasedAttention.apply(*a, scale),
+                *(x.float() for x in (q, k, v, bias)))
+    for name, a, w in zip(("output", "dq", "dk", "dv", "dbias"), got, want):
+        assert a.shape == w.shape, name
+        torch.testing.assert_close(a.double(), w, rtol=1e-5, atol=1e-4 / scale, msg=name)
+
+
+@needs_kernel
+def test_t5_with_the_biased_kernel_trains_as_without_it(monkeypatch):
+    """The whole T5 (64-wide heads, encoder padding), fp32: every self- and cross-attention
+    runs through the kernel, with the loss and every gradient of the torch path
+    (`t5._biased_attention` and SDPA) when the kernel is off."""
+    from tests.models.test_t5 import ids, make_cfg, make_model
+    cfg = make_cfg(hidden_size=64, num_attention_heads=2, kv_channels=64)
+    enc = ids(2, 64, 41)
+    enc[1, 50:] = cfg.pad_token_id
+    batch = dict(encoder_input_ids=enc, decoder_input_ids=ids(2, 32, 42), labels=ids(2, 32, 43),
+                 loss_mask=torch.ones(2, 32))
+    calls, apply = [], cpu_kernels.BiasedAttention.apply
+    monkeypatch.setattr(cpu_kernels.BiasedAttention, "apply",
+                        lambda *a: calls.append(1) or apply(*a))
+    results = []
+    for on in (True, False):
+        previous = cpu_kernels.use_attention_kernel(on)
+        try:
+            model = make_model(cfg).train()
+            loss, _ = model.loss(batch)
+            results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+        finally:
+            cpu_kernels.use_attention_kernel(previous)
+    assert len(calls) == cfg.num_layers + 2 * cfg.decoder_layers  # the first model's only
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=0)
+    for (name, _), a, w in zip(model.named_parameters(), results[0][1], results[1][1]):
+        torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-6, msg=name)
