@@ -120,25 +120,32 @@ def biased_kernel_for(q: torch.Tensor, k: torch.Tensor):
 
 class BiasedAttention(torch.autograd.Function):
     """softmax(q kᵀ · scale + bias) v for fp32 q [b, h, S, 64] over k, v [b, h, T, 64] through
-    the kernel, with the bias's gradient when it takes one. The bias broadcasts to
-    [b, h, S, T] (each dim its own size or 1) and is read in place; the probabilities
-    [b, h, S, T] are kept for backward."""
+    the kernel, the bias given in parts and never formed as [b, h, S, T] (T5's; each part may be
+    None):
+
+    - `rel` [h, S + T - 1]: the relative position bias per distance, key j's bias for query i at
+      column j - i + S - 1 (the diagonals of a Toeplitz matrix), with its gradient;
+    - `keys` [b, T]: a bias per key, added to every query's scores (padding masks);
+    - `causal`: keys after the query masked (S == T).
+
+    q, k and v are read where they lie; the output comes laid out as [b, S, h, 64] (so the
+    heads' merge after it is a view), and the probabilities [b, h, S, T] are kept for backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, scale):
+    def forward(ctx, q, k, v, rel, keys, causal, scale):
         ctx.kernel = attention_kernel()  # the caller checked that it is there
-        if bias.stride(-1) != 1:
-            bias = bias.contiguous()
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, probs = ctx.kernel.biased_forward(q, k, v, bias, scale)
+        # Read in place so long as each row's values are contiguous (the heads' split of a
+        # projection is a view: no copy).
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        rel, keys = (None if x is None else x.contiguous() for x in (rel, keys))
+        out, probs = ctx.kernel.biased_forward(q, k, v, rel, keys, causal, scale)
         ctx.save_for_backward(q, k, v, out, probs)
-        ctx.scale, ctx.bias_shape = scale, bias.shape
+        ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        dq, dk, dv, dbias = ctx.kernel.biased_backward(
-            grad.contiguous(), *ctx.saved_tensors, ctx.scale, ctx.needs_input_grad[3])
-        if dbias is not None:
-            dbias = dbias.sum_to_size(ctx.bias_shape)
-        return dq, dk, dv, dbias, None
+        dq, dk, dv, drel = ctx.kernel.biased_backward(
+            grad if grad.stride(-1) == 1 else grad.contiguous(), *ctx.saved_tensors, ctx.scale,
+            ctx.needs_input_grad[3])
+        return dq, dk, dv, None if drel is None else drel.sum(0), None, None, None

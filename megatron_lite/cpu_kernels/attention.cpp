@@ -12,14 +12,17 @@
 // 32 b (b + 1); the columns past a row's own position are zero. The *_lse entry points keep a
 // log-sum-exp per row instead and recompute the probabilities in backward.
 //
-// Biased: q [b, h, S, 64] over k, v [b, h, T, 64], S a multiple of 8 and T of 32, every key
-// seen, the bias added to the scaled scores; the probabilities [b, h, S, T] are kept, and in
-// backward the scores' gradient is the bias's.
+// Biased (T5): q [b, h, S, 64] over k, v [b, h, T, 64], S a multiple of 8 and T of 32, with a
+// bias added to the scaled scores that is read from its parts, never formed as [b, h, S, T]: a
+// relative position bias given per distance (which takes a gradient), a per-key bias (padding
+// masks) and a causal mask. The probabilities [b, h, S, T] are kept for backward.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -30,15 +33,16 @@ constexpr int64_t kCols = 32;  // key columns per score tile
 
 inline int64_t block_offset(int64_t b) { return 32 * b * (b + 1); }
 
-// c[8, 32] = a[8, 64] (rows contiguous) . bt[64, 32 columns of a row-major [64, ldb] matrix].
-inline void tile_a_bt(float* c, int64_t ldc, const float* a, const float* bt, int64_t ldb) {
+// c[8, 32] = a[8, 64] (rows lda apart) . bt[64, 32 columns of a row-major [64, ldb] matrix].
+inline void tile_a_bt(float* c, int64_t ldc, const float* a, int64_t lda, const float* bt,
+                      int64_t ldb) {
   __m512 acc[kRows][2];
   for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t d = 0; d < kDim; ++d) {
     const __m512 b0 = _mm512_loadu_ps(bt + d * ldb), b1 = _mm512_loadu_ps(bt + d * ldb + 16);
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
-      const __m512 x = _mm512_set1_ps(a[r * kDim + d]);
+      const __m512 x = _mm512_set1_ps(a[r * lda + d]);
       acc[r][0] = _mm512_fmadd_ps(x, b0, acc[r][0]);
       acc[r][1] = _mm512_fmadd_ps(x, b1, acc[r][1]);
     }
@@ -49,13 +53,14 @@ inline void tile_a_bt(float* c, int64_t ldc, const float* a, const float* bt, in
   }
 }
 
-// out[8, 64] = a[8, kn] (row stride lda) . b[kn, 64] (rows contiguous).
-inline void rows_a_b(float* out, const float* a, int64_t lda, const float* b, int64_t kn) {
+// out[8, 64] (rows ldo apart) = a[8, kn] (rows lda apart) . b[kn, 64] (rows ldb apart).
+inline void rows_a_b(float* out, int64_t ldo, const float* a, int64_t lda, const float* b,
+                     int64_t ldb, int64_t kn) {
   for (int64_t half = 0; half < kDim; half += 32) {
     __m512 acc[kRows][2];
     for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int64_t l = 0; l < kn; ++l) {
-      const float* row = b + l * kDim + half;
+      const float* row = b + l * ldb + half;
       const __m512 b0 = _mm512_loadu_ps(row), b1 = _mm512_loadu_ps(row + 16);
 #pragma GCC unroll 8
       for (int r = 0; r < kRows; ++r) {
@@ -65,22 +70,24 @@ inline void rows_a_b(float* out, const float* a, int64_t lda, const float* b, in
       }
     }
     for (int r = 0; r < kRows; ++r) {
-      _mm512_storeu_ps(out + r * kDim + half, acc[r][0]);
-      _mm512_storeu_ps(out + r * kDim + half + 16, acc[r][1]);
+      _mm512_storeu_ps(out + r * ldo + half, acc[r][0]);
+      _mm512_storeu_ps(out + r * ldo + half + 16, acc[r][1]);
     }
   }
 }
 
-// acc[l, 0:64] += sum_r a[r * lda + l] * b[r, 0:64] for l < kn: a rank-8 update of [kn, 64].
+// acc[l, 0:64] += sum_r a[r * lda + l] * b[r * ldb + 0:64] for l < kn: a rank-8 update of the
+// contiguous [kn, 64] acc.
 // Four rows of acc at a time: one row's sum over r is a chain of 8 dependent FMAs, so a single
 // row would leave the FMA units waiting on their latency.
-inline void add_at_b(float* acc, const float* a, int64_t lda, const float* b, int64_t kn) {
+inline void add_at_b(float* acc, const float* a, int64_t lda, const float* b, int64_t ldb,
+                     int64_t kn) {
   constexpr int64_t kAt = 4;
   for (int64_t half = 0; half < kDim; half += 32) {
     __m512 rows[kRows][2];
     for (int r = 0; r < kRows; ++r) {
-      rows[r][0] = _mm512_loadu_ps(b + r * kDim + half);
-      rows[r][1] = _mm512_loadu_ps(b + r * kDim + half + 16);
+      rows[r][0] = _mm512_loadu_ps(b + r * ldb + half);
+      rows[r][1] = _mm512_loadu_ps(b + r * ldb + half + 16);
     }
     int64_t l = 0;
     for (; l + kAt <= kn; l += kAt) {
@@ -158,31 +165,36 @@ inline void probs_from_lse(const float* s, int64_t lds, int64_t i0, int64_t kn, 
   }
 }
 
-// One block's backward, given its probabilities p [8, ldp]: dq rows written, dk and dv rows
-// 0 .. kn - 1 of the head added to, the scores' gradient left in ds [8, T]. g, o, q_rows: the
-// block's 8 rows of dO, O and q; T: the keys' row stride (of vt and ds).
-inline void backward_block(const float* g, const float* o, const float* p, int64_t ldp,
-                           const float* vt, const float* k, const float* q_rows, int64_t T,
-                           int64_t kn, float scale, float* ds, float* dq_rows,
-                           float* dk, float* dv) {
+// Where a block's 8 rows of one [.., 64] operand are: the first row and the rows' stride.
+struct Rows {
+  const float* at;
+  int64_t ld;
+};
+
+// One block's backward, given its probabilities p [8, ldp]: the block's dq rows written, dk and
+// dv rows 0 .. kn - 1 of the head (contiguous) added to, the scores' gradient left in ds [8, T].
+// g, o, q: the block's rows of dO, O and q; k: the head's keys; T: the row stride of vt and ds.
+inline void backward_block(Rows g, Rows o, const float* p, int64_t ldp, const float* vt, Rows k,
+                           Rows q, int64_t T, int64_t kn, float scale, float* ds, float* dq_rows,
+                           int64_t lddq, float* dk, float* dv) {
   const int64_t tiles = (kn + kCols - 1) / kCols;
   for (int64_t tile = 0; tile < tiles; ++tile) {  // dP = dO v^T
-    tile_a_bt(ds + tile * kCols, T, g, vt + tile * kCols, T);
+    tile_a_bt(ds + tile * kCols, T, g.at, g.ld, vt + tile * kCols, T);
   }
   for (int64_t r = 0; r < kRows; ++r) {
     // dS = P * (dP - rowsum(dP * P)), the row sum being rowsum(dO * O); times the scores'
     // scale, which dq and dk take.
     float row_dot = 0.f;
 #pragma omp simd reduction(+ : row_dot)
-    for (int64_t c = 0; c < kDim; ++c) row_dot += g[r * kDim + c] * o[r * kDim + c];
+    for (int64_t c = 0; c < kDim; ++c) row_dot += g.at[r * g.ld + c] * o.at[r * o.ld + c];
     const float* prob = p + r * ldp;
     float* row = ds + r * T;
 #pragma omp simd
     for (int64_t c = 0; c < kn; ++c) row[c] = prob[c] * (row[c] - row_dot) * scale;
   }
-  rows_a_b(dq_rows, ds, T, k, kn);
-  add_at_b(dk, ds, T, q_rows, kn);
-  add_at_b(dv, p, ldp, g, kn);
+  rows_a_b(dq_rows, lddq, ds, T, k.at, k.ld, kn);
+  add_at_b(dk, ds, T, q.at, q.ld, kn);
+  add_at_b(dv, p, ldp, g.at, g.ld, kn);
 }
 
 // Block b of a head, in an order that pairs blocks (j, blocks - 1 - j) of equal total work,
@@ -226,12 +238,13 @@ std::vector<torch::Tensor> attend(torch::Tensor q, torch::Tensor k, torch::Tenso
       const int64_t h = t / blocks, b = paired_block(t % blocks, blocks);
       const int64_t i0 = b * kRows, kn = i0 + kRows, tiles = (kn + kCols - 1) / kCols;
       for (int64_t tile = 0; tile < tiles; ++tile) {
-        tile_a_bt(s + tile * kCols, T, Q + (h * T + i0) * kDim, KT + h * kDim * T + tile * kCols, T);
+        tile_a_bt(s + tile * kCols, T, Q + (h * T + i0) * kDim, kDim,
+                  KT + h * kDim * T + tile * kCols, T);
       }
       float* p = keep_lse ? s + kRows * T : kept_ptr + h * per_head + block_offset(b);
       const int64_t ldp = keep_lse ? T : kn;
       softmax_block(s, T, i0, kn, scale, p, ldp, keep_lse ? kept_ptr + h * T + i0 : nullptr);
-      rows_a_b(O + (h * T + i0) * kDim, p, ldp, V + h * T * kDim, kn);
+      rows_a_b(O + (h * T + i0) * kDim, kDim, p, ldp, V + h * T * kDim, kDim, kn);
     }
   });
   return {out, kept};
@@ -267,15 +280,17 @@ std::vector<torch::Tensor> attend_backward(torch::Tensor grad, torch::Tensor q, 
         if (from_lse) {
           const int64_t tiles = (kn + kCols - 1) / kCols;
           for (int64_t tile = 0; tile < tiles; ++tile) {
-            tile_a_bt(s + tile * kCols, T, Q + (h * T + i0) * kDim, KT + h * kDim * T + tile * kCols, T);
+            tile_a_bt(s + tile * kCols, T, Q + (h * T + i0) * kDim, kDim,
+                  KT + h * kDim * T + tile * kCols, T);
           }
           probs_from_lse(s, T, i0, kn, scale, kept_ptr + h * T + i0, p_lse, T);
           p = p_lse;
           ldp = T;
         }
-        backward_block(G + (h * T + i0) * kDim, O + (h * T + i0) * kDim, p, ldp,
-                       VT + h * kDim * T, K + h * T * kDim, Q + (h * T + i0) * kDim, T, kn,
-                       scale, ds, dQ + (h * T + i0) * kDim, dK + h * T * kDim, dV + h * T * kDim);
+        const int64_t row = h * T + i0;
+        backward_block({G + row * kDim, kDim}, {O + row * kDim, kDim}, p, ldp, VT + h * kDim * T,
+                       {K + h * T * kDim, kDim}, {Q + row * kDim, kDim}, T, kn, scale, ds,
+                       dQ + row * kDim, kDim, dK + h * T * kDim, dV + h * T * kDim);
       }
     }
   });
@@ -284,134 +299,238 @@ std::vector<torch::Tensor> attend_backward(torch::Tensor grad, torch::Tensor q, 
 
 namespace {
 
-// Row r of a block: x = s * scale + bias (kept in s, the bias's rows `bias_rows` apart), and
-// its softmax over all T keys into p [8, T].
-inline void biased_softmax_block(float* s, int64_t T, const float* bias, int64_t bias_rows,
-                                 float scale, float* p) {
+// e^x for x <= 0, 16 lanes: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial
+// of degree 6 (relative error under 2e-7), times 2^n; exactly 0 below -87 (T5's masked keys),
+// where e^x leaves fp32's normal range. Inline, unlike glibc's vector expf, which is a call
+// per 16 lanes.
+inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), clamped);  // ln2, high bits
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);              // and the rest
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+  return _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(p, n));
+}
+
+// The bias added to the scores, in parts (each may be absent):
+//   rel [h, S + T - 1]: per head, the bias of key j for query i at column j - i + S - 1, the
+//     diagonals of a Toeplitz matrix (T5's relative position bias);
+//   keys [b, T]: added to every query's scores over the keys of batch row b (padding masks);
+//   causal: keys after the query masked.
+struct ScoreBias {
+  const float* rel;
+  const float* keys;
+  bool causal;
+  int64_t heads, S, T;
+  const float* rel_row(int64_t n, int64_t i) const {
+    return rel == nullptr ? nullptr : rel + (n % heads) * (S + T - 1) + (S - 1 - i);
+  }
+  const float* key_row(int64_t n) const { return keys == nullptr ? nullptr : keys + (n / heads) * T; }
+};
+
+// Row r of a block (query i0 + r of head n): x = s * scale + the bias (kept in s; the keys a
+// causal row may not see at the lowest float), and its softmax over the T keys (a multiple of
+// 16) into p [8, T].
+inline void biased_softmax_block(float* s, int64_t T, const ScoreBias& bias, int64_t n,
+                                 int64_t i0, float scale, float* p) {
+  const __m512 vscale = _mm512_set1_ps(scale), lowest = _mm512_set1_ps(std::numeric_limits<float>::lowest());
+  const float* keys = bias.key_row(n);
   for (int64_t r = 0; r < kRows; ++r) {
     float* row = s + r * T;
-    const float* add = bias + r * bias_rows;
-    float top = -INFINITY;
-#pragma omp simd reduction(max : top)
-    for (int64_t c = 0; c < T; ++c) {
-      row[c] = row[c] * scale + add[c];
-      top = std::max(top, row[c]);
+    const float* rel = bias.rel_row(n, i0 + r);
+    const int64_t seen = bias.causal ? i0 + r + 1 : T;
+    __m512 top = lowest;
+    for (int64_t c = 0; c < T; c += 16) {
+      __m512 x = _mm512_mul_ps(_mm512_loadu_ps(row + c), vscale);
+      if (rel != nullptr) x = _mm512_add_ps(x, _mm512_loadu_ps(rel + c));
+      if (keys != nullptr) x = _mm512_add_ps(x, _mm512_loadu_ps(keys + c));
+      if (c + 16 > seen) {  // lanes c + l with c + l >= seen are masked
+        const __mmask16 visible = seen <= c ? 0 : static_cast<__mmask16>((1u << (seen - c)) - 1);
+        x = _mm512_mask_mov_ps(lowest, visible, x);
+      }
+      _mm512_storeu_ps(row + c, x);
+      top = _mm512_max_ps(top, x);
     }
-    float sum = 0.f;
+    const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 sum = _mm512_setzero_ps();
     float* prob = p + r * T;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t c = 0; c < T; ++c) {
-      const float e = std::exp(row[c] - top);
-      prob[c] = e;
-      sum += e;
+    for (int64_t c = 0; c < T; c += 16) {
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + c), shift));
+      _mm512_storeu_ps(prob + c, e);
+      sum = _mm512_add_ps(sum, e);
     }
-    const float inv = 1.0f / sum;
-#pragma omp simd
-    for (int64_t c = 0; c < T; ++c) prob[c] *= inv;
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    for (int64_t c = 0; c < T; c += 16) {
+      _mm512_storeu_ps(prob + c, _mm512_mul_ps(_mm512_loadu_ps(prob + c), inv));
+    }
   }
 }
 
-struct BiasStrides {  // element strides of a [b | 1, h | 1, S | 1, T] bias; 0 where broadcast
-  int64_t batch, head, row;
+// A [b, h, rows, 64] operand read or written where it lies: its data and the element strides
+// of its batch, head and row dims, each row's 64 values contiguous. n indexes batch x heads.
+struct Heads {
+  float* data;
+  int64_t batch, head, row, heads;
+  float* at(int64_t n, int64_t i) const {
+    return data + (n / heads) * batch + (n % heads) * head + i * row;
+  }
+  Rows rows(int64_t n, int64_t i) const { return {at(n, i), row}; }
 };
 
-BiasStrides check_biased_inputs(const torch::Tensor& q, const torch::Tensor& k,
-                                const torch::Tensor& v, const torch::Tensor& bias) {
-  TORCH_CHECK(q.dim() == 4 && q.size(3) == kDim && q.size(2) % kRows == 0 && k.dim() == 4 &&
-                  k.size(2) % kCols == 0,
+Heads heads_of(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4 && t.size(3) == kDim && t.stride(3) == 1 && t.device().is_cpu() &&
+                  t.scalar_type() == torch::kFloat32,
+              "biased_attention kernel: ", name, " must be an fp32 CPU tensor [b, h, rows, 64] "
+              "with contiguous rows, got ", t.sizes(), " with strides ", t.strides());
+  return {t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2), t.size(1)};
+}
+
+// An empty [b, h, rows, 64] tensor laid out as [b, rows, h, 64], the layout the heads' merge
+// (and its gradient) has, so that neither side copies between the two.
+torch::Tensor empty_rows_major(const torch::Tensor& like) {
+  return torch::empty({like.size(0), like.size(2), like.size(1), kDim}, like.options())
+      .transpose(1, 2);
+}
+
+// [b, h, 64, rows] contiguous: the operand's rows as columns, which the score tiles and dP
+// tiles read. By 16 rows at a time, so that both sides stay in cache whatever t's layout (torch's
+// copy of a strided view, e.g. keys split off a fused key/value projection, ran 4x slower).
+torch::Tensor transposed_heads(const torch::Tensor& t, const Heads& from) {
+  const int64_t n = t.size(0) * t.size(1), rows = t.size(2);
+  auto out = torch::empty({t.size(0), t.size(1), kDim, rows}, t.options());
+  float* to = out.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t h = begin; h < end; ++h) {
+      for (int64_t j0 = 0; j0 < rows; j0 += 16) {
+        const int64_t j1 = std::min(j0 + 16, rows);
+        for (int64_t d = 0; d < kDim; ++d) {
+          float* dst = to + (h * kDim + d) * rows;
+          for (int64_t j = j0; j < j1; ++j) dst[j] = from.at(h, j)[d];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+ScoreBias check_biased_inputs(const torch::Tensor& q, const torch::Tensor& k,
+                              const torch::Tensor& v, const torch::Tensor& rel,
+                              const torch::Tensor& keys, bool causal) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) % kRows == 0 && k.dim() == 4 && k.size(2) % kCols == 0,
               "biased_attention kernel: q must be [b, h, S, 64] and k, v [b, h, T, 64] with S a "
               "multiple of 8 and T of 32, got ", q.sizes(), " and ", k.sizes());
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == q.size(1) &&
-                  k.size(3) == kDim,
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == q.size(1),
               "biased_attention kernel: q, k and v do not match: ", q.sizes(), ", ", k.sizes(),
               ", ", v.sizes());
-  for (const auto& t : {q, k, v}) {
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous(),
-                "biased_attention kernel: q, k and v must be contiguous fp32 CPU tensors");
-  }
-  TORCH_CHECK(bias.device().is_cpu() && bias.scalar_type() == torch::kFloat32 && bias.dim() == 4 &&
-                  bias.size(3) == k.size(2) && bias.stride(3) == 1,
-              "biased_attention kernel: the bias must be an fp32 CPU tensor [b | 1, h | 1, S | 1, T] "
-              "with contiguous rows, got ", bias.sizes());
-  auto stride = [&](int d, int64_t full) {
-    TORCH_CHECK(bias.size(d) == 1 || bias.size(d) == full,
-                "biased_attention kernel: the bias's dim ", d, " must be 1 or ", full);
-    return bias.size(d) == 1 ? int64_t{0} : bias.stride(d);
+  const int64_t b = q.size(0), h = q.size(1), S = q.size(2), T = k.size(2);
+  TORCH_CHECK(!causal || S == T, "biased_attention kernel: a causal mask needs S == T");
+  auto check = [](const torch::Tensor& t, std::vector<int64_t> shape, const char* name) {
+    TORCH_CHECK(!t.defined() || (t.device().is_cpu() && t.scalar_type() == torch::kFloat32 &&
+                                 t.is_contiguous() && t.sizes() == shape),
+                "biased_attention kernel: ", name, " must be a contiguous fp32 CPU tensor of "
+                "shape ", shape, ", got ", t.defined() ? t.sizes() : at::IntArrayRef{});
+    return t.defined() ? t.data_ptr<float>() : nullptr;
   };
-  return {stride(0, q.size(0)), stride(1, q.size(1)), stride(2, q.size(2))};
+  return {check(rel, {h, S + T - 1}, "rel"), check(keys, {b, T}, "keys"), causal, h, S, T};
 }
 
 }  // namespace
 
-// softmax(q k^T * scale + bias) v: (out, probs).
+// softmax(q k^T * scale + bias) v: (out, probs). q, k, v are read where they lie (rows
+// contiguous); out comes laid out as [b, S, h, 64].
 std::vector<torch::Tensor> biased_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                                         torch::Tensor bias, double scale_) {
-  const BiasStrides bs = check_biased_inputs(q, k, v, bias);
+                                         c10::optional<torch::Tensor> rel,
+                                         c10::optional<torch::Tensor> keys, bool causal,
+                                         double scale_) {
+  const ScoreBias bias = check_biased_inputs(q, k, v, rel.value_or(torch::Tensor()),
+                                             keys.value_or(torch::Tensor()), causal);
+  const Heads Q = heads_of(q, "q"), V = heads_of(v, "v");
   const int64_t heads = q.size(1), n = q.size(0) * heads, S = q.size(2), T = k.size(2);
   const int64_t blocks = S / kRows;
   const float scale = static_cast<float>(scale_);
-  const auto kt = k.transpose(2, 3).contiguous();  // [b, h, 64, T]: score tiles read its rows
-  auto out = torch::empty_like(q);
+  const auto kt = transposed_heads(k, heads_of(k, "k"));
+  auto out = empty_rows_major(q);
   auto probs = torch::empty({q.size(0), heads, S, T}, q.options());
-  const float *Q = q.data_ptr<float>(), *KT = kt.data_ptr<float>(), *V = v.data_ptr<float>();
-  const float* B = bias.data_ptr<float>();
-  float *O = out.data_ptr<float>(), *P = probs.data_ptr<float>();
+  const Heads O = heads_of(out, "out");
+  const float* KT = kt.data_ptr<float>();
+  float* P = probs.data_ptr<float>();
   at::parallel_for(0, n * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(kRows * T);
     float* s = scratch.data();
     for (int64_t t = begin; t < end; ++t) {
       const int64_t h = t / blocks, i0 = (t % blocks) * kRows;
       for (int64_t tile = 0; tile < T / kCols; ++tile) {
-        tile_a_bt(s + tile * kCols, T, Q + (h * S + i0) * kDim, KT + h * kDim * T + tile * kCols, T);
+        tile_a_bt(s + tile * kCols, T, Q.at(h, i0), Q.row, KT + h * kDim * T + tile * kCols, T);
       }
-      const float* bias_rows = B + (h / heads) * bs.batch + (h % heads) * bs.head + i0 * bs.row;
       float* p = P + (h * S + i0) * T;
-      biased_softmax_block(s, T, bias_rows, bs.row, scale, p);
-      rows_a_b(O + (h * S + i0) * kDim, p, T, V + h * T * kDim, T);
+      biased_softmax_block(s, T, bias, h, i0, scale, p);
+      rows_a_b(O.at(h, i0), O.row, p, T, V.at(h, 0), V.row, T);
     }
   });
   return {out, probs};
 }
 
-// (dq, dk, dv, dbias) from the output's gradient and the kept probabilities; dbias [b, h, S, T]
-// is the scores' gradient (before the bias's broadcast is summed away), or undefined when
-// `bias_grad` is false.
+// (dq, dk, dv, drel) from the output's gradient and the kept probabilities. drel [b, h, S+T-1]
+// is the scores' gradient summed along each diagonal (the per-distance bias's gradient, before
+// the sum over batch rows), or undefined when `rel_grad` is false. dq comes laid out as
+// [b, S, h, 64], dk and dv contiguous.
 std::vector<torch::Tensor> biased_attend_backward(torch::Tensor grad, torch::Tensor q,
                                                   torch::Tensor k, torch::Tensor v,
                                                   torch::Tensor out, torch::Tensor probs,
-                                                  double scale_, bool bias_grad) {
-  TORCH_CHECK(grad.sizes() == q.sizes() && out.sizes() == q.sizes() && grad.is_contiguous() &&
-                  out.is_contiguous() && probs.is_contiguous() && probs.dim() == 4 &&
-                  probs.size(2) == q.size(2) && probs.size(3) == k.size(2),
+                                                  double scale_, bool rel_grad) {
+  TORCH_CHECK(grad.sizes() == q.sizes() && out.sizes() == q.sizes() && probs.is_contiguous() &&
+                  probs.dim() == 4 && probs.size(2) == q.size(2) && probs.size(3) == k.size(2),
               "biased_attention kernel: backward's tensors do not match its forward's");
+  const Heads G = heads_of(grad, "grad"), Q = heads_of(q, "q"), K = heads_of(k, "k");
+  const Heads O = heads_of(out, "out");
   const int64_t heads = q.size(1), n = q.size(0) * heads, S = q.size(2), T = k.size(2);
+  const int64_t diagonals = S + T - 1;
   const float scale = static_cast<float>(scale_);
-  const auto vt = v.transpose(2, 3).contiguous();  // [b, h, 64, T]
-  auto dq = torch::empty_like(q), dk = torch::zeros_like(k), dv = torch::zeros_like(v);
-  auto dbias = bias_grad ? torch::empty_like(probs) : torch::Tensor();
-  const float *G = grad.data_ptr<float>(), *Q = q.data_ptr<float>(), *K = k.data_ptr<float>();
-  const float *VT = vt.data_ptr<float>(), *O = out.data_ptr<float>(), *P = probs.data_ptr<float>();
-  float *dQ = dq.data_ptr<float>(), *dK = dk.data_ptr<float>(), *dV = dv.data_ptr<float>();
-  float* dB = bias_grad ? dbias.data_ptr<float>() : nullptr;
+  const auto vt = transposed_heads(v, heads_of(v, "v"));
+  auto dq = empty_rows_major(q), dk = torch::zeros_like(k, at::MemoryFormat::Contiguous);
+  auto dv = torch::zeros_like(v, at::MemoryFormat::Contiguous);
+  auto drel = rel_grad ? torch::zeros({q.size(0), heads, diagonals}, q.options()) : torch::Tensor();
+  const Heads dQ = heads_of(dq, "dq");
+  const float *VT = vt.data_ptr<float>(), *P = probs.data_ptr<float>();
+  float *dK = dk.data_ptr<float>(), *dV = dv.data_ptr<float>();
+  float* dR = rel_grad ? drel.data_ptr<float>() : nullptr;
   // By heads: every block of a head adds into all of that head's dk and dv rows.
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(bias_grad ? 0 : kRows * T);
+    std::vector<float> scratch(kRows * T);
+    float* ds = scratch.data();
     for (int64_t h = begin; h < end; ++h) {
       for (int64_t i0 = 0; i0 < S; i0 += kRows) {
         const int64_t row = h * S + i0;
-        float* ds = bias_grad ? dB + row * T : scratch.data();
         // The scores' gradient unscaled (it is the bias's); dq and dk take the scale after.
-        backward_block(G + row * kDim, O + row * kDim, P + row * T, T, VT + h * kDim * T,
-                       K + h * T * kDim, Q + row * kDim, T, T, 1.0f, ds, dQ + row * kDim,
+        backward_block(G.rows(h, i0), O.rows(h, i0), P + row * T, T, VT + h * kDim * T,
+                       K.rows(h, 0), Q.rows(h, i0), T, T, 1.0f, ds, dQ.at(h, i0), dQ.row,
                        dK + h * T * kDim, dV + h * T * kDim);
+        for (int64_t r = 0; dR != nullptr && r < kRows; ++r) {  // query i0 + r's diagonals
+          float* to = dR + h * diagonals + (S - 1 - i0 - r);
+          for (int64_t c = 0; c < T; c += 16) {
+            _mm512_storeu_ps(to + c, _mm512_add_ps(_mm512_loadu_ps(to + c),
+                                                   _mm512_loadu_ps(ds + r * T + c)));
+          }
+        }
       }
       if (scale != 1.0f) {
-        for (int64_t i = 0; i < S * kDim; ++i) dQ[h * S * kDim + i] *= scale;
+        for (int64_t i = 0; i < S; ++i) {
+          float* dq_row = dQ.at(h, i);
+          for (int64_t c = 0; c < kDim; ++c) dq_row[c] *= scale;
+        }
         for (int64_t i = 0; i < T * kDim; ++i) dK[h * T * kDim + i] *= scale;
       }
     }
   });
-  return {dq, dk, dv, dbias};
+  return {dq, dk, dv, drel};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -427,7 +546,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                            torch::Tensor out, torch::Tensor lse) {
           return attend_backward(g, q, k, v, out, lse, true);
         }, "causal attention backward, the probabilities recomputed from log-sum-exps: (dq, dk, dv)");
-  m.def("biased_forward", &biased_attend, "softmax(q k^T * scale + bias) v: (out, probs)");
+  m.def("biased_forward", &biased_attend,
+        "softmax(q k^T * scale + bias) v, the bias from its parts (rel, keys, causal): (out, probs)");
   m.def("biased_backward", &biased_attend_backward,
-        "biased attention backward from the kept probabilities: (dq, dk, dv, dbias or None)");
+        "biased attention backward from the kept probabilities: (dq, dk, dv, drel or None)");
 }

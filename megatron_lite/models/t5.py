@@ -280,6 +280,44 @@ def _biased_attention(q, k, v, bias):
     return torch.bmm(scores.softmax(-1), v.reshape(b * h, t, d)).view(b, h, s, d)
 
 
+@dataclass
+class ScoreBias:
+    """What a T5 attention adds to its scores, kept in parts: the relative position bias per
+    distance (`per_distance` [local_heads, q_len + k_len - 1], self-attention; key j's bias for
+    query i at column j - i + q_len - 1), a bias per key (`keys` [b, k_len]: 0 or the mask value
+    at padding) and the decoder's causal mask. The attention kernel reads the parts as they are
+    (`cpu_kernels.BiasedAttention`); the torch paths take `dense()`, formed once per forward and
+    shared by the stack's layers."""
+    per_distance: Optional[torch.Tensor]
+    keys: Optional[torch.Tensor]
+    causal: bool
+    q_len: int
+    k_len: int
+    past: int = 0
+    _dense: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False)
+
+    def dense(self) -> Optional[torch.Tensor]:
+        """The bias as a tensor broadcastable to [b, local_heads, q_len, k_len], or None.
+
+        Row i of the position bias is the window of `per_distance` starting at q_len - 1 - i,
+        so unfold (a view) gives the rows in reverse and one flip copies them into place; in
+        backward the per-distance gradient is a sum along the diagonals (unfold's backward)
+        instead of an embedding backward over q_len * k_len indices (3x faster at 512 x 512)."""
+        if self._dense is None:
+            bias = None
+            if self.per_distance is not None:
+                bias = self.per_distance.unfold(1, self.k_len, 1).flip(1).unsqueeze(0)
+            if self.causal:
+                visible = torch.ones(self.q_len, self.k_len, dtype=torch.bool,
+                                     device=bias.device).tril(diagonal=self.past)
+                bias = bias.masked_fill(~visible, _mask_value(bias.dtype))
+            if self.keys is not None:
+                keys = self.keys[:, None, None, :]
+                bias = keys if bias is None else bias + keys
+            self._dense = bias
+        return self._dense
+
+
 def _trains(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -310,7 +348,7 @@ class T5Attention(nn.Module):
         k, v = kv.permute(3, 0, 2, 1, 4).unbind(0)
         return k, v
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, kv_states: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, bias: ScoreBias, kv_states: torch.Tensor | None = None,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
         """x [b, s, h] -> [b, s, h]. Keys/values come from `kv` if given (cached cross-attention),
@@ -325,16 +363,17 @@ class T5Attention(nn.Module):
         if p > 0:
             # Heads differ per TP rank, so their dropout masks must too (tp_region=True).
             with self.rng.fork(self.site, tp_region=True):
-                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p,
-                                                     scale=1.0)
-        elif _trains(q, k, v, bias) and cpu_kernels.biased_kernel_for(q, k) is not None:
-            if bias is None:
-                bias = q.new_zeros(1, 1, 1, k.shape[2])
-            ctx = cpu_kernels.BiasedAttention.apply(q, k, v, bias, 1.0)
-        elif bias is not None and bias.requires_grad and q.device.type == "cpu":
-            ctx = _biased_attention(q, k, v, bias)
+                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.dense(),
+                                                     dropout_p=p, scale=1.0)
+        elif (bias.past == 0 and _trains(q, k, v, bias.per_distance)
+              and cpu_kernels.biased_kernel_for(q, k) is not None):
+            ctx = cpu_kernels.BiasedAttention.apply(q, k, v, bias.per_distance, bias.keys,
+                                                    bias.causal, 1.0)
+        elif bias.per_distance is not None and bias.per_distance.requires_grad and \
+                q.device.type == "cpu":
+            ctx = _biased_attention(q, k, v, bias.dense())
         else:
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.dense(), scale=1.0)
         return self.o(ctx.transpose(1, 2).reshape(b, s, self.local_heads * self.d_kv))
 
 
@@ -424,23 +463,23 @@ class T5Stack(nn.Module):
                                     for i in range(n))
         self.final_ln = T5LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon)
 
-    def position_bias(self, q_len: int, k_len: int, past: int, device) -> torch.Tensor:
-        """[1, local_heads, q_len, k_len] bias of queries past..past+q_len-1 over keys 0..k_len-1.
+    def per_distance_bias(self, q_len: int, k_len: int, past: int, device) -> torch.Tensor:
+        """[local_heads, q_len + k_len - 1]: the bias of queries past..past+q_len-1 over keys
+        0..k_len-1 per key - query distance, key j's for query row i at column j - i + q_len - 1.
 
-        The bias depends on key - query alone, which takes q_len + k_len - 1 values: look those
-        up once and lay them out as the (Toeplitz) matrix. Row i is the window starting at
-        q_len - 1 - i, so unfold (a view) gives the rows in reverse and one flip copies them into
-        place. In backward the per-distance gradient is a sum along the diagonals (unfold's
-        backward) instead of an embedding backward over q_len * k_len indices (3x faster at
-        512 x 512 on CPU). The flip's output takes its input's layout, so the small per-distance
-        table is made row-major first: the bias comes out contiguous, as the attention kernel
-        reads it in place (a transposed one cost a [heads, q, k] copy per layer)."""
+        The bias depends on key - query alone, so each distance's bucket is looked up once
+        (`ScoreBias.dense` lays them out as the [q_len, k_len] matrix). Made row-major: the
+        attention kernel reads it in place, and the dense matrix's flip copy takes its layout."""
         distance = torch.arange(-(past + q_len - 1), k_len - past, device=device)
         buckets = relative_position_bucket(distance, bidirectional=not self.is_decoder,
                                            num_buckets=self.cfg.relative_attention_num_buckets,
                                            max_distance=self.cfg.relative_attention_max_distance)
-        per_distance = F.embedding(buckets, self.relative_attention_bias).t().contiguous()
-        return per_distance.unfold(1, k_len, 1).flip(1).unsqueeze(0)
+        return F.embedding(buckets, self.relative_attention_bias).t().contiguous()
+
+    def position_bias(self, q_len: int, k_len: int, past: int, device) -> torch.Tensor:
+        """[1, local_heads, q_len, k_len] bias of queries past..past+q_len-1 over keys 0..k_len-1."""
+        return ScoreBias(self.per_distance_bias(q_len, k_len, past, device), None, False,
+                         q_len, k_len, past).dense()
 
     def forward(self, x, keep=None, memory=None, memory_keep=None, cache=None):
         """x: embedded tokens [b, s, h]. Encoder: keep [b, s] bool, False at padding. Decoder:
@@ -449,19 +488,21 @@ class T5Stack(nn.Module):
         b, s, _ = x.shape
         past = cache.seq_len if cache is not None else 0
         total = past + s
-        bias = self.position_bias(s, total, past, x.device)
-        neg = _mask_value(bias.dtype)
+        per_distance = self.per_distance_bias(s, total, past, x.device)
+        dtype = per_distance.dtype
+        bias = ScoreBias(per_distance, None if self.is_decoder else _keep_to_bias(keep, dtype),
+                         self.is_decoder, s, total, past)
+        cross_bias = None
         if self.is_decoder:
-            causal = torch.ones(s, total, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            bias = bias.masked_fill(~causal, neg)
-            cross_bias = _keep_to_bias(memory_keep, bias.dtype)
-        else:
-            cross_bias = None
-            if keep is not None:
-                bias = bias + _keep_to_bias(keep, bias.dtype)
+            cross_bias = ScoreBias(None, _keep_to_bias(memory_keep, dtype), False, s,
+                                   memory.shape[1])
         x = self.rng.dropout(x, self.cfg.hidden_dropout, f"{self.name}.embedding",
                              tp_region=False, training=self.training)
         recompute = self.checkpoint_activations and self.training and cache is None
+        if recompute:  # formed here, not inside a layer's first (checkpointed) forward only
+            for part in (bias, cross_bias):
+                if part is not None:
+                    part.dense()
         for layer in self.layers:
             if recompute:
                 # The stateless RNG reseeds every dropout from (step, site), so the recompute in
@@ -475,11 +516,11 @@ class T5Stack(nn.Module):
 
 
 def _keep_to_bias(keep: torch.Tensor | None, dtype) -> torch.Tensor | None:
-    """[b, k] bool (True = may attend) -> [b, 1, 1, k] additive bias."""
+    """[b, k] bool (True = may attend) -> [b, k] additive bias."""
     if keep is None:
         return None
     bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
-    return bias.masked_fill(~keep, _mask_value(dtype))[:, None, None, :]
+    return bias.masked_fill(~keep, _mask_value(dtype))
 
 
 class T5Model(nn.Module):

@@ -136,29 +136,50 @@ def test_block_sparse_own_blocks_on_the_kernel_equal_float64(s, stride, summary,
 # ------------------------------------------------------------------- biased attention (T5)
 
 @needs_kernel
-@pytest.mark.parametrize("b,h,s,t,bias_shape,scale", [
-    (1, 3, 64, 64, (1, 3, 64, 64), 1.0),    # T5's self-attention bias: positions, per head
-    (2, 2, 24, 96, (2, 2, 24, 96), 1.0),    # per batch row too; S a multiple of 8 only
-    (2, 3, 16, 32, (2, 1, 1, 32), 0.125),   # a key mask broadcast over heads and rows, scaled
+@pytest.mark.parametrize("b,h,s,t,rel,keys,causal,scale,split", [
+    (1, 3, 64, 64, True, True, False, 1.0, True),    # T5's encoder: positions and padding
+    (2, 2, 64, 64, True, False, True, 1.0, True),    # T5's decoder: positions, causal
+    (2, 3, 24, 96, False, True, False, 1.0, False),  # T5's cross-attention; S a multiple of 8
+    (2, 2, 32, 32, False, False, False, 0.125, False),  # no bias, scaled
 ])
-def test_biased_kernel_equals_float64(b, h, s, t, bias_shape, scale):
-    """softmax(q kᵀ · scale + bias) v and the q, k, v and bias gradients (summed over the bias's
-    broadcast dims) against the same arithmetic in float64, with T5's mask value in the bias."""
+def test_biased_kernel_equals_float64(b, h, s, t, rel, keys, causal, scale, split):
+    """softmax(q kᵀ · scale + bias) v and the q, k, v and per-distance bias gradients against
+    the same arithmetic in float64 on the bias formed as a [b, h, s, t] tensor: rel[h, j - i +
+    s - 1] + keys[b, j] (T5's mask value at the last keys), the keys after each query masked if
+    causal. q, k, v contiguous or (`split`) views of [b, rows, h, 64], as a projection's heads."""
     g = torch.Generator().manual_seed(s + t)
     q, grad = (torch.randn(b, h, s, 64, generator=g, dtype=torch.float64) for _ in range(2))
     k, v = (torch.randn(b, h, t, 64, generator=g, dtype=torch.float64) for _ in range(2))
-    bias = torch.randn(bias_shape, generator=g, dtype=torch.float64)
-    bias[..., -5:] = torch.finfo(torch.float32).min  # masked keys, as T5 masks them
+    rel = torch.randn(h, s + t - 1, generator=g, dtype=torch.float64) if rel else None
+    if keys:
+        keys = torch.zeros(b, t, dtype=torch.float64)
+        keys[-1, -5:] = torch.finfo(torch.float32).min
+    else:
+        keys = None
+    i, j = torch.arange(s)[:, None], torch.arange(t)[None, :]
+
+    def reference(q, k, v, rel):
+        scores = (q @ k.transpose(-1, -2)) * scale
+        if rel is not None:
+            scores = scores + rel[:, j - i + s - 1]
+        if keys is not None:
+            scores = scores + keys[:, None, None, :]
+        if causal:
+            scores = scores.masked_fill(j > i, torch.finfo(torch.float32).min)
+        return scores.softmax(-1) @ v
 
     def grads(fn, *inputs):
-        inputs = [x.detach().requires_grad_() for x in inputs]
-        out = fn(*inputs)
+        inputs = [x.detach().requires_grad_() for x in inputs if x is not None]
+        out = fn(*inputs, None) if rel is None else fn(*inputs)
         return (out, *torch.autograd.grad(out, inputs, grad.to(out.dtype)))
-    want = grads(lambda q, k, v, bias: ((q @ k.transpose(-1, -2)) * scale + bias).softmax(-1) @ v,
-                 q, k, v, bias)
-    got = grads(lambda *a: cpu_kernels.BiasedAttention.apply(*a, scale),
-                *(x.float() for x in (q, k, v, bias)))
-    for name, a, w in zip(("output", "dq", "dk", "dv", "dbias"), got, want):
+
+    def laid_out(x):
+        return x.transpose(1, 2).contiguous().transpose(1, 2) if split else x
+    want = grads(reference, q, k, v, rel)
+    got = grads(lambda q, k, v, rel: cpu_kernels.BiasedAttention.apply(
+        q, k, v, rel, None if keys is None else keys.float(), causal, scale),
+        *(laid_out(x.float()) for x in (q, k, v)), None if rel is None else rel.float())
+    for name, a, w in zip(("output", "dq", "dk", "dv", "drel"), got, want):
         assert a.shape == w.shape, name
         torch.testing.assert_close(a.double(), w, rtol=1e-5, atol=1e-4 / scale, msg=name)
 
