@@ -1,6 +1,7 @@
 """Our own CPU kernels, built from source on first use.
 
-`causal_attention.cpp` trains causal self-attention with 64-wide heads in fp32 on AVX-512 CPUs.
+`attention.cpp` trains attention with 64-wide heads in fp32 on AVX-512 CPUs: causal
+self-attention (GPT, LingLong), and T5's attention with its bias read in parts.
 The blocked torch path (`models.blocks._QueryBlockedCausalAttention`) runs the same arithmetic as
 batched GEMMs, and MKL ran those 64-wide products at about 75% of a thread's peak; the kernel's
 register tiles of 8 query rows ran the attention's forward and backward in 30 ms against 43 ms
@@ -12,6 +13,15 @@ The same kernel has a second pair of entry points, `forward_lse`/`backward_lse`,
 log-sum-exp per row instead of the probabilities and recompute them in backward, where the
 softmax may span more keys than the kernel saw: LingLong's block-sparse layers run their own
 causal blocks through it (`models.blocks._own_blocks`).
+
+`biased_forward`/`biased_backward` add a bias to the scores that is never formed as a
+[b, h, S, T] tensor: T5's relative position bias as one value per key - query distance (its
+gradient summed along the diagonals in the kernel), a per-key bias for padding and a causal
+rule (`BiasedAttention`; `models.t5.ScoreBias`). That tensor is 8 MB at LongLM-small's encoder
+(8 heads, 512 x 512), read by every layer, with a gradient of the same size per layer. Forward and
+backward of one LongLM-small encoder attention (512 tokens, 8 heads, its bias formed and its
+gradient taken, one thread, by hand) took 19 ms against the torch path's 33 ms; the whole
+training step ran 1.05x (BENCHMARKS.md, section "Training throughput (T5)").
 
 The build (about 25 s, once) goes through `torch.utils.cpp_extension` into
 `$TORCH_EXTENSIONS_DIR` (the Makefile keeps it in the virtual environment), as DeepSpeed's CPU ops
