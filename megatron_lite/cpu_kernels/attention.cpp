@@ -78,38 +78,15 @@ inline void rows_a_b(float* out, int64_t ldo, const float* a, int64_t lda, const
 
 // acc[l, 0:64] += sum_r a[r * lda + l] * b[r * ldb + 0:64] for l < kn: a rank-8 update of the
 // contiguous [kn, 64] acc.
-// Four rows of acc at a time: one row's sum over r is a chain of 8 dependent FMAs, so a single
-// row would leave the FMA units waiting on their latency.
 inline void add_at_b(float* acc, const float* a, int64_t lda, const float* b, int64_t ldb,
                      int64_t kn) {
-  constexpr int64_t kAt = 4;
   for (int64_t half = 0; half < kDim; half += 32) {
     __m512 rows[kRows][2];
     for (int r = 0; r < kRows; ++r) {
       rows[r][0] = _mm512_loadu_ps(b + r * ldb + half);
       rows[r][1] = _mm512_loadu_ps(b + r * ldb + half + 16);
     }
-    int64_t l = 0;
-    for (; l + kAt <= kn; l += kAt) {
-      __m512 c[kAt][2];
-      for (int64_t j = 0; j < kAt; ++j) {
-        c[j][0] = _mm512_loadu_ps(acc + (l + j) * kDim + half);
-        c[j][1] = _mm512_loadu_ps(acc + (l + j) * kDim + half + 16);
-      }
-#pragma GCC unroll 8
-      for (int r = 0; r < kRows; ++r) {
-        for (int64_t j = 0; j < kAt; ++j) {
-          const __m512 x = _mm512_set1_ps(a[r * lda + l + j]);
-          c[j][0] = _mm512_fmadd_ps(x, rows[r][0], c[j][0]);
-          c[j][1] = _mm512_fmadd_ps(x, rows[r][1], c[j][1]);
-        }
-      }
-      for (int64_t j = 0; j < kAt; ++j) {
-        _mm512_storeu_ps(acc + (l + j) * kDim + half, c[j][0]);
-        _mm512_storeu_ps(acc + (l + j) * kDim + half + 16, c[j][1]);
-      }
-    }
-    for (; l < kn; ++l) {
+    for (int64_t l = 0; l < kn; ++l) {
       float* out = acc + l * kDim + half;
       __m512 c0 = _mm512_loadu_ps(out), c1 = _mm512_loadu_ps(out + 16);
 #pragma GCC unroll 8

@@ -499,7 +499,9 @@ class T5Stack(nn.Module):
         x = self.rng.dropout(x, self.cfg.hidden_dropout, f"{self.name}.embedding",
                              tp_region=False, training=self.training)
         recompute = self.checkpoint_activations and self.training and cache is None
-        if recompute:  # formed here, not inside a layer's first (checkpointed) forward only
+        if recompute:
+            # The torch paths' dense bias is formed on first use and kept: form it before the
+            # checkpointed layers, so that their recomputation saves what their forward saved.
             for part in (bias, cross_bias):
                 if part is not None:
                     part.dense()
