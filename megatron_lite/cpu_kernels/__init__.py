@@ -21,7 +21,9 @@ rule (`BiasedAttention`; `models.t5.ScoreBias`). That tensor is 8 MB at LongLM-s
 (8 heads, 512 x 512), read by every layer, with a gradient of the same size per layer. Forward and
 backward of one LongLM-small encoder attention (512 tokens, 8 heads, its bias formed and its
 gradient taken, one thread, by hand) took 19 ms against the torch path's 33 ms; the whole
-training step ran 1.05x (BENCHMARKS.md, section "Training throughput (T5)").
+training step ran 1.05x (BENCHMARKS.md, section "Training throughput (T5)"). Attention dropout
+is hashed from a seed and the position in the kernel (no mask tensor): with LongLM's 0.1 the
+whole step ran 1.13x.
 
 The build (about 25 s, once) goes through `torch.utils.cpp_extension` into
 `$TORCH_EXTENSIONS_DIR` (the Makefile keeps it in the virtual environment), as DeepSpeed's CPU ops
@@ -138,24 +140,27 @@ class BiasedAttention(torch.autograd.Function):
     - `keys` [b, T]: a bias per key, added to every query's scores (padding masks);
     - `causal`: keys after the query masked (S == T).
 
-    q, k and v are read where they lie; the output comes laid out as [b, S, h, 64] (so the
+    With `dropout_p` > 0 the probabilities go through dropout before they weigh v, each kept or
+    not by a hash of (`seed`, its position) that backward recomputes: no mask is stored, and the
+    same seed gives the same mask (`kernel.dropout_keep_mask` returns it). q, k and v are read
+    where they lie; the output comes laid out as [b, S, h, 64] (so the
     heads' merge after it is a view), and the probabilities [b, h, S, T] are kept for backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, rel, keys, causal, scale):
+    def forward(ctx, q, k, v, rel, keys, causal, scale, dropout_p=0.0, seed=0):
         ctx.kernel = attention_kernel()  # the caller checked that it is there
         # Read in place so long as each row's values are contiguous (the heads' split of a
         # projection is a view: no copy).
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         rel, keys = (None if x is None else x.contiguous() for x in (rel, keys))
-        out, probs = ctx.kernel.biased_forward(q, k, v, rel, keys, causal, scale)
+        out, probs = ctx.kernel.biased_forward(q, k, v, rel, keys, causal, scale, dropout_p, seed)
         ctx.save_for_backward(q, k, v, out, probs)
-        ctx.scale = scale
+        ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
         return out
 
     @staticmethod
     def backward(ctx, grad):
         dq, dk, dv, drel = ctx.kernel.biased_backward(
             grad if grad.stride(-1) == 1 else grad.contiguous(), *ctx.saved_tensors, ctx.scale,
-            ctx.needs_input_grad[3])
-        return dq, dk, dv, None if drel is None else drel.sum(0), None, None, None
+            ctx.needs_input_grad[3], ctx.dropout_p, ctx.seed)
+        return (dq, dk, dv, None if drel is None else drel.sum(0)) + (None,) * 5

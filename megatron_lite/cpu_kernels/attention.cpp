@@ -15,7 +15,8 @@
 // Biased (T5): q [b, h, S, 64] over k, v [b, h, T, 64], S a multiple of 8 and T of 32, with a
 // bias added to the scaled scores that is read from its parts, never formed as [b, h, S, T]: a
 // relative position bias given per distance (which takes a gradient), a per-key bias (padding
-// masks) and a causal mask. The probabilities [b, h, S, T] are kept for backward.
+// masks) and a causal mask; attention dropout with its mask hashed from a seed (never stored).
+// The probabilities [b, h, S, T] (before dropout) are kept for backward.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -148,12 +149,68 @@ struct Rows {
   int64_t ld;
 };
 
+// Attention dropout without a mask tensor: whether probability (row, j) of the [b, h, S, T]
+// attention is kept is a hash of (seed, row, j) below (1 - p) 2^32, so backward recomputes the
+// same mask. torch's generator drew a [8, 512, 512] uint8 mask in 12 ms here (6 ns a value),
+// longer than half the attention; the hash costs a few instructions per 16 values. `threshold`
+// 0 means no dropout.
+struct Dropout {
+  uint32_t seed, threshold;
+  float inv_keep;  // 1 / (1 - p)
+  bool on() const { return threshold != 0; }
+};
+
+inline uint32_t mix32(uint32_t x) {  // an invertible integer hash (lowbias32's constants)
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  return x ^ (x >> 16);
+}
+
+inline __m512i mix32(__m512i x) {
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x846ca68bu)));
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+
+// Lanes c .. c + 15 of attention row `row` (its index in [b * h * S]): which are kept.
+inline __mmask16 kept_lanes(const Dropout& drop, int64_t row, int64_t c) {
+  const uint32_t key = mix32(drop.seed ^ mix32(static_cast<uint32_t>(row) * 0x9e3779b9u +
+                                               static_cast<uint32_t>(row >> 32)));
+  const __m512i cols = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)),
+                                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+                                                          12, 13, 14, 15));
+  const __m512i bits = mix32(_mm512_xor_si512(_mm512_set1_epi32(static_cast<int>(key)),
+                                              _mm512_mullo_epi32(cols, _mm512_set1_epi32(0x85ebca6b))));
+  return _mm512_cmplt_epu32_mask(bits, _mm512_set1_epi32(static_cast<int>(drop.threshold)));
+}
+
+// dropped[8, T] = p[8, T] (rows ldp apart) * keep / (1 - p) for attention rows row0 .. row0 + 7.
+inline void drop_block(const float* p, int64_t ldp, const Dropout& drop, int64_t row0, int64_t T,
+                       float* dropped) {
+  const __m512 inv = _mm512_set1_ps(drop.inv_keep);
+  for (int64_t r = 0; r < kRows; ++r) {
+    for (int64_t c = 0; c < T; c += 16) {
+      _mm512_storeu_ps(dropped + r * T + c,
+                       _mm512_maskz_mul_ps(kept_lanes(drop, row0 + r, c),
+                                           _mm512_loadu_ps(p + r * ldp + c), inv));
+    }
+  }
+}
+
 // One block's backward, given its probabilities p [8, ldp]: the block's dq rows written, dk and
 // dv rows 0 .. kn - 1 of the head (contiguous) added to, the scores' gradient left in ds [8, T].
 // g, o, q: the block's rows of dO, O and q; k: the head's keys; T: the row stride of vt and ds.
+// With dropout (of attention rows row0 .. row0 + 7; kn == T) the output was P_drop v,
+// P_drop = P * keep / (1 - p): dv takes P_drop (formed in `dropped` [8, T]), and
+// dP = dP_drop * keep / (1 - p), whose row sum against P is still rowsum(dO * O).
 inline void backward_block(Rows g, Rows o, const float* p, int64_t ldp, const float* vt, Rows k,
                            Rows q, int64_t T, int64_t kn, float scale, float* ds, float* dq_rows,
-                           int64_t lddq, float* dk, float* dv) {
+                           int64_t lddq, float* dk, float* dv, const Dropout& drop = {0, 0, 1.f},
+                           int64_t row0 = 0, float* dropped = nullptr) {
   const int64_t tiles = (kn + kCols - 1) / kCols;
   for (int64_t tile = 0; tile < tiles; ++tile) {  // dP = dO v^T
     tile_a_bt(ds + tile * kCols, T, g.at, g.ld, vt + tile * kCols, T);
@@ -166,12 +223,28 @@ inline void backward_block(Rows g, Rows o, const float* p, int64_t ldp, const fl
     for (int64_t c = 0; c < kDim; ++c) row_dot += g.at[r * g.ld + c] * o.at[r * o.ld + c];
     const float* prob = p + r * ldp;
     float* row = ds + r * T;
+    if (drop.on()) {
+      const __m512 inv = _mm512_set1_ps(drop.inv_keep), dot = _mm512_set1_ps(row_dot);
+      const __m512 vscale = _mm512_set1_ps(scale);
+      for (int64_t c = 0; c < kn; c += 16) {
+        const __m512 dp = _mm512_maskz_mul_ps(kept_lanes(drop, row0 + r, c),
+                                              _mm512_loadu_ps(row + c), inv);
+        _mm512_storeu_ps(row + c, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(prob + c),
+                                                              _mm512_sub_ps(dp, dot)), vscale));
+      }
+    } else {
 #pragma omp simd
-    for (int64_t c = 0; c < kn; ++c) row[c] = prob[c] * (row[c] - row_dot) * scale;
+      for (int64_t c = 0; c < kn; ++c) row[c] = prob[c] * (row[c] - row_dot) * scale;
+    }
   }
   rows_a_b(dq_rows, lddq, ds, T, k.at, k.ld, kn);
   add_at_b(dk, ds, T, q.at, q.ld, kn);
-  add_at_b(dv, p, ldp, g.at, g.ld, kn);
+  if (drop.on()) {
+    drop_block(p, ldp, drop, row0, T, dropped);
+    add_at_b(dv, dropped, T, g.at, g.ld, kn);
+  } else {
+    add_at_b(dv, p, ldp, g.at, g.ld, kn);
+  }
 }
 
 // Block b of a head, in an order that pairs blocks (j, blocks - 1 - j) of equal total work,
@@ -419,6 +492,16 @@ ScoreBias check_biased_inputs(const torch::Tensor& q, const torch::Tensor& k,
   return {check(rel, {h, S + T - 1}, "rel"), check(keys, {b, T}, "keys"), causal, h, S, T};
 }
 
+// The dropout of an attention at rate p, its mask drawn from `seed`; p == 0: none.
+Dropout make_dropout(int64_t seed, double p) {
+  TORCH_CHECK(0 <= p && p < 1, "biased_attention kernel: dropout p must be in [0, 1), got ", p);
+  const double kept = (1.0 - p) * 4294967296.0;  // (1 - p) 2^32
+  const uint32_t threshold = p == 0 ? 0u : static_cast<uint32_t>(std::min(kept, 4294967295.0));
+  const auto s = static_cast<uint64_t>(seed);
+  return {static_cast<uint32_t>(s) ^ mix32(static_cast<uint32_t>(s >> 32)), threshold,
+          static_cast<float>(1.0 / (1.0 - p))};
+}
+
 }  // namespace
 
 // softmax(q k^T * scale + bias) v: (out, probs). q, k, v are read where they lie (rows
@@ -426,7 +509,7 @@ ScoreBias check_biased_inputs(const torch::Tensor& q, const torch::Tensor& k,
 std::vector<torch::Tensor> biased_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                          c10::optional<torch::Tensor> rel,
                                          c10::optional<torch::Tensor> keys, bool causal,
-                                         double scale_) {
+                                         double scale_, double dropout_p, int64_t seed) {
   const ScoreBias bias = check_biased_inputs(q, k, v, rel.value_or(torch::Tensor()),
                                              keys.value_or(torch::Tensor()), causal);
   const Heads Q = heads_of(q, "q"), V = heads_of(v, "v");
@@ -436,12 +519,13 @@ std::vector<torch::Tensor> biased_attend(torch::Tensor q, torch::Tensor k, torch
   const auto kt = transposed_heads(k, heads_of(k, "k"));
   auto out = empty_rows_major(q);
   auto probs = torch::empty({q.size(0), heads, S, T}, q.options());
+  const Dropout drop = make_dropout(seed, dropout_p);
   const Heads O = heads_of(out, "out");
   const float* KT = kt.data_ptr<float>();
   float* P = probs.data_ptr<float>();
   at::parallel_for(0, n * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(kRows * T);
-    float* s = scratch.data();
+    std::vector<float> scratch((drop.on() ? 2 : 1) * kRows * T);
+    float *s = scratch.data(), *dropped = s + kRows * T;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t h = t / blocks, i0 = (t % blocks) * kRows;
       for (int64_t tile = 0; tile < T / kCols; ++tile) {
@@ -449,7 +533,12 @@ std::vector<torch::Tensor> biased_attend(torch::Tensor q, torch::Tensor k, torch
       }
       float* p = P + (h * S + i0) * T;
       biased_softmax_block(s, T, bias, h, i0, scale, p);
-      rows_a_b(O.at(h, i0), O.row, p, T, V.at(h, 0), V.row, T);
+      if (drop.on()) {
+        drop_block(p, T, drop, h * S + i0, T, dropped);
+        rows_a_b(O.at(h, i0), O.row, dropped, T, V.at(h, 0), V.row, T);
+      } else {
+        rows_a_b(O.at(h, i0), O.row, p, T, V.at(h, 0), V.row, T);
+      }
     }
   });
   return {out, probs};
@@ -462,7 +551,8 @@ std::vector<torch::Tensor> biased_attend(torch::Tensor q, torch::Tensor k, torch
 std::vector<torch::Tensor> biased_attend_backward(torch::Tensor grad, torch::Tensor q,
                                                   torch::Tensor k, torch::Tensor v,
                                                   torch::Tensor out, torch::Tensor probs,
-                                                  double scale_, bool rel_grad) {
+                                                  double scale_, bool rel_grad,
+                                                  double dropout_p, int64_t seed) {
   TORCH_CHECK(grad.sizes() == q.sizes() && out.sizes() == q.sizes() && probs.is_contiguous() &&
                   probs.dim() == 4 && probs.size(2) == q.size(2) && probs.size(3) == k.size(2),
               "biased_attention kernel: backward's tensors do not match its forward's");
@@ -471,6 +561,7 @@ std::vector<torch::Tensor> biased_attend_backward(torch::Tensor grad, torch::Ten
   const int64_t heads = q.size(1), n = q.size(0) * heads, S = q.size(2), T = k.size(2);
   const int64_t diagonals = S + T - 1;
   const float scale = static_cast<float>(scale_);
+  const Dropout drop = make_dropout(seed, dropout_p);
   const auto vt = transposed_heads(v, heads_of(v, "v"));
   auto dq = empty_rows_major(q), dk = torch::zeros_like(k, at::MemoryFormat::Contiguous);
   auto dv = torch::zeros_like(v, at::MemoryFormat::Contiguous);
@@ -481,15 +572,15 @@ std::vector<torch::Tensor> biased_attend_backward(torch::Tensor grad, torch::Ten
   float* dR = rel_grad ? drel.data_ptr<float>() : nullptr;
   // By heads: every block of a head adds into all of that head's dk and dv rows.
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(kRows * T);
-    float* ds = scratch.data();
+    std::vector<float> scratch((drop.on() ? 2 : 1) * kRows * T);
+    float *ds = scratch.data(), *dropped = ds + kRows * T;
     for (int64_t h = begin; h < end; ++h) {
       for (int64_t i0 = 0; i0 < S; i0 += kRows) {
         const int64_t row = h * S + i0;
         // The scores' gradient unscaled (it is the bias's); dq and dk take the scale after.
         backward_block(G.rows(h, i0), O.rows(h, i0), P + row * T, T, VT + h * kDim * T,
                        K.rows(h, 0), Q.rows(h, i0), T, T, 1.0f, ds, dQ.at(h, i0), dQ.row,
-                       dK + h * T * kDim, dV + h * T * kDim);
+                       dK + h * T * kDim, dV + h * T * kDim, drop, row, dropped);
         for (int64_t r = 0; dR != nullptr && r < kRows; ++r) {  // query i0 + r's diagonals
           float* to = dR + h * diagonals + (S - 1 - i0 - r);
           for (int64_t c = 0; c < T; c += 16) {
@@ -510,6 +601,22 @@ std::vector<torch::Tensor> biased_attend_backward(torch::Tensor grad, torch::Ten
   return {dq, dk, dv, drel};
 }
 
+// The keep mask [b, h, S, T] (1 = kept) that dropout at rate p with `seed` applies: for tests.
+torch::Tensor dropout_keep_mask(int64_t b, int64_t h, int64_t S, int64_t T, double p,
+                                int64_t seed) {
+  TORCH_CHECK(T % 16 == 0, "dropout_keep_mask: T must be a multiple of 16");
+  const Dropout drop = make_dropout(seed, p);
+  auto keep = torch::ones({b, h, S, T}, torch::kUInt8);
+  uint8_t* out = keep.data_ptr<uint8_t>();
+  for (int64_t row = 0; drop.on() && row < b * h * S; ++row) {
+    for (int64_t c = 0; c < T; c += 16) {
+      const __mmask16 lanes = kept_lanes(drop, row, c);
+      for (int l = 0; l < 16; ++l) out[row * T + c + l] = (lanes >> l) & 1;
+    }
+  }
+  return keep;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", [](torch::Tensor q, torch::Tensor k, torch::Tensor v) { return attend(q, k, v, false); },
         "causal attention forward: (out, probs)");
@@ -524,7 +631,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return attend_backward(g, q, k, v, out, lse, true);
         }, "causal attention backward, the probabilities recomputed from log-sum-exps: (dq, dk, dv)");
   m.def("biased_forward", &biased_attend,
-        "softmax(q k^T * scale + bias) v, the bias from its parts (rel, keys, causal): (out, probs)");
+        "dropout(softmax(q k^T * scale + bias)) v, the bias from its parts (rel, keys, causal), "
+        "the dropout's mask hashed from a seed: (out, probs)");
+  m.def("dropout_keep_mask", &dropout_keep_mask,
+        "the keep mask [b, h, S, T] of the biased attention's dropout at rate p from seed");
   m.def("biased_backward", &biased_attend_backward,
         "biased attention backward from the kept probabilities: (dq, dk, dv, drel or None)");
 }

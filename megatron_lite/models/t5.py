@@ -360,15 +360,17 @@ class T5Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)
         p = self.attention_dropout if self.training else 0.0
-        if p > 0:
-            # Heads differ per TP rank, so their dropout masks must too (tp_region=True).
+        if (bias.past == 0 and _trains(q, k, v, bias.per_distance)
+                and cpu_kernels.biased_kernel_for(q, k) is not None):
+            # The dropout mask is hashed from the (step, site) seed: a checkpointed layer's
+            # recompute draws the same one. Heads differ per TP rank, so masks do too.
+            seed = self.rng.seed_for(self.site, tp_region=True) if p > 0 else 0
+            ctx = cpu_kernels.BiasedAttention.apply(q, k, v, bias.per_distance, bias.keys,
+                                                    bias.causal, 1.0, p, seed)
+        elif p > 0:
             with self.rng.fork(self.site, tp_region=True):
                 ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.dense(),
                                                      dropout_p=p, scale=1.0)
-        elif (bias.past == 0 and _trains(q, k, v, bias.per_distance)
-              and cpu_kernels.biased_kernel_for(q, k) is not None):
-            ctx = cpu_kernels.BiasedAttention.apply(q, k, v, bias.per_distance, bias.keys,
-                                                    bias.causal, 1.0)
         elif bias.per_distance is not None and bias.per_distance.requires_grad and \
                 q.device.type == "cpu":
             ctx = _biased_attention(q, k, v, bias.dense())

@@ -211,3 +211,68 @@ def test_t5_with_the_biased_kernel_trains_as_without_it(monkeypatch):
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=0)
     for (name, _), a, w in zip(model.named_parameters(), results[0][1], results[1][1]):
         torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@needs_kernel
+@pytest.mark.parametrize("causal", [False, True])
+def test_biased_kernel_with_dropout_equals_float64(causal):
+    """With dropout the output is (P · keep / (1 - p)) v, keep hashed from the seed: output and
+    q, k, v and per-distance bias gradients against that arithmetic in float64 with the mask
+    the kernel reports for the seed; the mask keeps 1 - p of the values, and another seed
+    gives another mask."""
+    b, h, s, p = 2, 2, 64, 0.25
+    g = torch.Generator().manual_seed(5)
+    q, k, v, grad = (torch.randn(b, h, s, 64, generator=g, dtype=torch.float64) for _ in range(4))
+    rel = torch.randn(h, 2 * s - 1, generator=g, dtype=torch.float64)
+    seed = 2**62 + 12345
+    keep = cpu_kernels.attention_kernel().dropout_keep_mask(b, h, s, s, p, seed)
+    assert abs(keep.double().mean() - (1 - p)) < 0.01  # 16,384 draws
+    assert not torch.equal(keep, cpu_kernels.attention_kernel().dropout_keep_mask(
+        b, h, s, s, p, seed + 1))
+    i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
+
+    def reference(q, k, v, rel):
+        scores = q @ k.transpose(-1, -2) + rel[:, j - i + s - 1]
+        if causal:
+            scores = scores.masked_fill(j > i, torch.finfo(torch.float32).min)
+        return (scores.softmax(-1) * keep / (1 - p)) @ v
+
+    def grads(fn, *inputs):
+        inputs = [x.detach().requires_grad_() for x in inputs]
+        out = fn(*inputs)
+        return (out, *torch.autograd.grad(out, inputs, grad.to(out.dtype)))
+    want = grads(reference, q, k, v, rel)
+    got = grads(lambda q, k, v, rel: cpu_kernels.BiasedAttention.apply(
+        q, k, v, rel, None, causal, 1.0, p, seed), *(x.float() for x in (q, k, v, rel)))
+    for name, a, w in zip(("output", "dq", "dk", "dv", "drel"), got, want):
+        torch.testing.assert_close(a.double(), w, rtol=1e-5, atol=1e-4, msg=name)
+
+
+@needs_kernel
+def test_t5_attention_dropout_on_the_kernel_draws_its_masks_per_step_and_site(monkeypatch):
+    """LongLM's configs train with attention dropout: on the kernel each attention hashes its
+    mask from the stateless RNG's seed of (step, site), so activation checkpointing's recompute
+    gives the gradients of the plain run; every layer has its own seed, another step others."""
+    from tests.models.test_t5 import ids, make_cfg, make_model
+    cfg = make_cfg(hidden_size=64, num_attention_heads=2, kv_channels=64, attention_dropout=0.2)
+    batch = dict(encoder_input_ids=ids(2, 64, 51), decoder_input_ids=ids(2, 32, 52),
+                 labels=ids(2, 32, 53), loss_mask=torch.ones(2, 32))
+    seeds, apply = [], cpu_kernels.BiasedAttention.apply
+    monkeypatch.setattr(cpu_kernels.BiasedAttention, "apply",
+                        lambda *a: seeds.append(a[7:]) or apply(*a))
+    losses, grads = [], []
+    for recompute, step in ((False, 3), (True, 3), (False, 4)):
+        model = make_model(cfg).train()
+        model.checkpoint_activations = recompute
+        model.rng.set_step(step, 1)
+        loss = model.loss(batch)[0]
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    layers = cfg.num_layers + 2 * cfg.decoder_layers
+    assert len(seeds) == 4 * layers  # the recompute calls the kernel again
+    assert all(p == 0.2 for p, _ in seeds)
+    step3, step4 = {s for _, s in seeds[:3 * layers]}, {s for _, s in seeds[3 * layers:]}
+    assert len(step3) == len(step4) == layers and not step3 & step4
+    for (name, _), a, w in zip(model.named_parameters(), grads[1], grads[0]):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.isclose(losses[2], losses[0])
