@@ -22,8 +22,8 @@ rule (`BiasedAttention`; `models.t5.ScoreBias`). That tensor is 8 MB at LongLM-s
 backward of one LongLM-small encoder attention (512 tokens, 8 heads, its bias formed and its
 gradient taken, one thread, by hand) took 19 ms against the torch path's 33 ms; the whole
 training step ran 1.05x (BENCHMARKS.md, section "Training throughput (T5)"). Attention dropout
-is hashed from a seed and the position in the kernel (no mask tensor): with LongLM's 0.1 the
-whole step ran 1.13x.
+is hashed from a seed and the position in the kernel (no mask tensor), in the causal entry
+points too: with LongLM's 0.1 the whole step ran 1.13x, with LingLong-106M's 1.48x.
 
 The build (about 25 s, once) goes through `torch.utils.cpp_extension` into
 `$TORCH_EXTENSIONS_DIR` (the Makefile keeps it in the virtual environment), as DeepSpeed's CPU ops
@@ -107,18 +107,23 @@ def attention_kernel_for(q: torch.Tensor):
 
 class CausalAttention(torch.autograd.Function):
     """softmax(q kᵀ / 8 + causal mask) v for contiguous fp32 q, k, v [n, T, 64] through the
-    kernel; the probabilities (T²/2 per head) are kept for backward."""
+    kernel; the probabilities (T²/2 per head) are kept for backward. With `dropout_p` > 0 they
+    go through dropout before they weigh v, each kept or not by a hash of (`seed`, its position
+    in [n, T, T]) that backward recomputes, as in `BiasedAttention`."""
 
     @staticmethod
-    def forward(ctx, q, k, v):
+    def forward(ctx, q, k, v, dropout_p=0.0, seed=0):
         ctx.kernel = attention_kernel()  # the caller checked that it is there
-        out, probs = ctx.kernel.forward(q, k, v)
+        out, probs = ctx.kernel.forward(q, k, v, dropout_p, seed)
         ctx.save_for_backward(q, k, v, out, probs)
+        ctx.dropout_p, ctx.seed = dropout_p, seed
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        return tuple(ctx.kernel.backward(grad.contiguous(), *ctx.saved_tensors))
+        grads = ctx.kernel.backward(grad.contiguous(), *ctx.saved_tensors, ctx.dropout_p,
+                                    ctx.seed)
+        return (*grads, None, None)
 
 
 def biased_kernel_for(q: torch.Tensor, k: torch.Tensor):

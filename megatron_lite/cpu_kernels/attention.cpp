@@ -176,6 +176,16 @@ inline __m512i mix32(__m512i x) {
   return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
 }
 
+// The dropout of an attention at rate p, its mask drawn from `seed`; p == 0: none.
+Dropout make_dropout(int64_t seed, double p) {
+  TORCH_CHECK(0 <= p && p < 1, "biased_attention kernel: dropout p must be in [0, 1), got ", p);
+  const double kept = (1.0 - p) * 4294967296.0;  // (1 - p) 2^32
+  const uint32_t threshold = p == 0 ? 0u : static_cast<uint32_t>(std::min(kept, 4294967295.0));
+  const auto s = static_cast<uint64_t>(seed);
+  return {static_cast<uint32_t>(s) ^ mix32(static_cast<uint32_t>(s >> 32)), threshold,
+          static_cast<float>(1.0 / (1.0 - p))};
+}
+
 // Lanes c .. c + 15 of attention row `row` (its index in [b * h * S]): which are kept.
 inline __mmask16 kept_lanes(const Dropout& drop, int64_t row, int64_t c) {
   const uint32_t key = mix32(drop.seed ^ mix32(static_cast<uint32_t>(row) * 0x9e3779b9u +
@@ -188,15 +198,21 @@ inline __mmask16 kept_lanes(const Dropout& drop, int64_t row, int64_t c) {
   return _mm512_cmplt_epu32_mask(bits, _mm512_set1_epi32(static_cast<int>(drop.threshold)));
 }
 
-// dropped[8, T] = p[8, T] (rows ldp apart) * keep / (1 - p) for attention rows row0 .. row0 + 7.
-inline void drop_block(const float* p, int64_t ldp, const Dropout& drop, int64_t row0, int64_t T,
-                       float* dropped) {
+inline __mmask16 first_lanes(int64_t n) {  // the first min(n, 16) lanes
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// dropped[8, kn] (rows ldd apart) = p[8, kn] (rows ldp apart) * keep / (1 - p), for attention
+// rows row0 .. row0 + 7.
+inline void drop_block(const float* p, int64_t ldp, const Dropout& drop, int64_t row0,
+                       int64_t kn, float* dropped, int64_t ldd) {
   const __m512 inv = _mm512_set1_ps(drop.inv_keep);
   for (int64_t r = 0; r < kRows; ++r) {
-    for (int64_t c = 0; c < T; c += 16) {
-      _mm512_storeu_ps(dropped + r * T + c,
-                       _mm512_maskz_mul_ps(kept_lanes(drop, row0 + r, c),
-                                           _mm512_loadu_ps(p + r * ldp + c), inv));
+    for (int64_t c = 0; c < kn; c += 16) {
+      const __mmask16 lanes = first_lanes(kn - c);
+      _mm512_mask_storeu_ps(dropped + r * ldd + c, lanes,
+                            _mm512_maskz_mul_ps(kept_lanes(drop, row0 + r, c) & lanes,
+                                                _mm512_maskz_loadu_ps(lanes, p + r * ldp + c), inv));
     }
   }
 }
@@ -204,7 +220,7 @@ inline void drop_block(const float* p, int64_t ldp, const Dropout& drop, int64_t
 // One block's backward, given its probabilities p [8, ldp]: the block's dq rows written, dk and
 // dv rows 0 .. kn - 1 of the head (contiguous) added to, the scores' gradient left in ds [8, T].
 // g, o, q: the block's rows of dO, O and q; k: the head's keys; T: the row stride of vt and ds.
-// With dropout (of attention rows row0 .. row0 + 7; kn == T) the output was P_drop v,
+// With dropout (of attention rows row0 .. row0 + 7) the output was P_drop v,
 // P_drop = P * keep / (1 - p): dv takes P_drop (formed in `dropped` [8, T]), and
 // dP = dP_drop * keep / (1 - p), whose row sum against P is still rowsum(dO * O).
 inline void backward_block(Rows g, Rows o, const float* p, int64_t ldp, const float* vt, Rows k,
@@ -227,10 +243,12 @@ inline void backward_block(Rows g, Rows o, const float* p, int64_t ldp, const fl
       const __m512 inv = _mm512_set1_ps(drop.inv_keep), dot = _mm512_set1_ps(row_dot);
       const __m512 vscale = _mm512_set1_ps(scale);
       for (int64_t c = 0; c < kn; c += 16) {
-        const __m512 dp = _mm512_maskz_mul_ps(kept_lanes(drop, row0 + r, c),
-                                              _mm512_loadu_ps(row + c), inv);
-        _mm512_storeu_ps(row + c, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(prob + c),
-                                                              _mm512_sub_ps(dp, dot)), vscale));
+        const __mmask16 lanes = first_lanes(kn - c);
+        const __m512 dp = _mm512_maskz_mul_ps(kept_lanes(drop, row0 + r, c) & lanes,
+                                              _mm512_maskz_loadu_ps(lanes, row + c), inv);
+        _mm512_mask_storeu_ps(row + c, lanes,
+                              _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, prob + c),
+                                                          _mm512_sub_ps(dp, dot)), vscale));
       }
     } else {
 #pragma omp simd
@@ -240,7 +258,7 @@ inline void backward_block(Rows g, Rows o, const float* p, int64_t ldp, const fl
   rows_a_b(dq_rows, lddq, ds, T, k.at, k.ld, kn);
   add_at_b(dk, ds, T, q.at, q.ld, kn);
   if (drop.on()) {
-    drop_block(p, ldp, drop, row0, T, dropped);
+    drop_block(p, ldp, drop, row0, kn, dropped, T);
     add_at_b(dv, dropped, T, g.at, g.ld, kn);
   } else {
     add_at_b(dv, p, ldp, g.at, g.ld, kn);
@@ -272,8 +290,10 @@ void check_inputs(const std::vector<torch::Tensor>& tensors) {
 // softmax(q k^T / 8 + causal mask) v: (out, probs), or (out, lse) with `keep_lse`, where lse
 // [n, T] holds each row's log-sum-exp and backward recomputes the probabilities from it.
 std::vector<torch::Tensor> attend(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                                  bool keep_lse) {
+                                  bool keep_lse, double dropout_p = 0, int64_t seed = 0) {
   check_inputs({q, k, v});
+  const Dropout drop = make_dropout(seed, dropout_p);
+  TORCH_CHECK(!(keep_lse && drop.on()), "causal_attention kernel: no dropout with log-sum-exps");
   const int64_t n = q.size(0), T = q.size(1), blocks = T / kRows, per_head = block_offset(blocks);
   const float scale = 1.0f / std::sqrt(static_cast<float>(kDim));
   const auto kt = k.transpose(1, 2).contiguous();  // [n, 64, T]: score tiles read its rows
@@ -282,8 +302,8 @@ std::vector<torch::Tensor> attend(torch::Tensor q, torch::Tensor k, torch::Tenso
   const float *Q = q.data_ptr<float>(), *KT = kt.data_ptr<float>(), *V = v.data_ptr<float>();
   float *O = out.data_ptr<float>(), *kept_ptr = kept.data_ptr<float>();
   at::parallel_for(0, n * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch((keep_lse ? 2 : 1) * kRows * T);
-    float* s = scratch.data();
+    std::vector<float> scratch((keep_lse || drop.on() ? 2 : 1) * kRows * T);
+    float *s = scratch.data(), *dropped = s + kRows * T;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t h = t / blocks, b = paired_block(t % blocks, blocks);
       const int64_t i0 = b * kRows, kn = i0 + kRows, tiles = (kn + kCols - 1) / kCols;
@@ -294,7 +314,12 @@ std::vector<torch::Tensor> attend(torch::Tensor q, torch::Tensor k, torch::Tenso
       float* p = keep_lse ? s + kRows * T : kept_ptr + h * per_head + block_offset(b);
       const int64_t ldp = keep_lse ? T : kn;
       softmax_block(s, T, i0, kn, scale, p, ldp, keep_lse ? kept_ptr + h * T + i0 : nullptr);
-      rows_a_b(O + (h * T + i0) * kDim, kDim, p, ldp, V + h * T * kDim, kDim, kn);
+      if (drop.on()) {
+        drop_block(p, ldp, drop, h * T + i0, kn, dropped, T);
+        rows_a_b(O + (h * T + i0) * kDim, kDim, dropped, T, V + h * T * kDim, kDim, kn);
+      } else {
+        rows_a_b(O + (h * T + i0) * kDim, kDim, p, ldp, V + h * T * kDim, kDim, kn);
+      }
     }
   });
   return {out, kept};
@@ -304,8 +329,11 @@ std::vector<torch::Tensor> attend(torch::Tensor q, torch::Tensor k, torch::Tenso
 // log-sum-exp per row (out and lse may be those of a wider softmax that these keys are part of).
 std::vector<torch::Tensor> attend_backward(torch::Tensor grad, torch::Tensor q, torch::Tensor k,
                                            torch::Tensor v, torch::Tensor out,
-                                           torch::Tensor kept, bool from_lse) {
+                                           torch::Tensor kept, bool from_lse,
+                                           double dropout_p = 0, int64_t seed = 0) {
   check_inputs({q, k, v, grad, out, kept});
+  const Dropout drop = make_dropout(seed, dropout_p);
+  TORCH_CHECK(!(from_lse && drop.on()), "causal_attention kernel: no dropout with log-sum-exps");
   const int64_t n = q.size(0), T = q.size(1), blocks = T / kRows, per_head = block_offset(blocks);
   TORCH_CHECK(grad.sizes() == q.sizes() && out.sizes() == q.sizes() && kept.dim() == 2 &&
                   kept.size(0) == n && kept.size(1) == (from_lse ? T : per_head),
@@ -320,8 +348,8 @@ std::vector<torch::Tensor> attend_backward(torch::Tensor grad, torch::Tensor q, 
   float *dQ = dq.data_ptr<float>(), *dK = dk.data_ptr<float>(), *dV = dv.data_ptr<float>();
   // By heads: every block of a head adds into all of that head's dk and dv rows before it.
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch((from_lse ? 3 : 1) * kRows * T);
-    float *ds = scratch.data(), *s = ds + kRows * T, *p_lse = s + kRows * T;
+    std::vector<float> scratch((from_lse ? 3 : drop.on() ? 2 : 1) * kRows * T);
+    float *ds = scratch.data(), *s = ds + kRows * T, *p_lse = s + kRows * T, *dropped = s;
     for (int64_t h = begin; h < end; ++h) {
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t i0 = b * kRows, kn = i0 + kRows;
@@ -340,7 +368,8 @@ std::vector<torch::Tensor> attend_backward(torch::Tensor grad, torch::Tensor q, 
         const int64_t row = h * T + i0;
         backward_block({G + row * kDim, kDim}, {O + row * kDim, kDim}, p, ldp, VT + h * kDim * T,
                        {K + h * T * kDim, kDim}, {Q + row * kDim, kDim}, T, kn, scale, ds,
-                       dQ + row * kDim, kDim, dK + h * T * kDim, dV + h * T * kDim);
+                       dQ + row * kDim, kDim, dK + h * T * kDim, dV + h * T * kDim, drop, row,
+                       dropped);
       }
     }
   });
@@ -492,16 +521,6 @@ ScoreBias check_biased_inputs(const torch::Tensor& q, const torch::Tensor& k,
   return {check(rel, {h, S + T - 1}, "rel"), check(keys, {b, T}, "keys"), causal, h, S, T};
 }
 
-// The dropout of an attention at rate p, its mask drawn from `seed`; p == 0: none.
-Dropout make_dropout(int64_t seed, double p) {
-  TORCH_CHECK(0 <= p && p < 1, "biased_attention kernel: dropout p must be in [0, 1), got ", p);
-  const double kept = (1.0 - p) * 4294967296.0;  // (1 - p) 2^32
-  const uint32_t threshold = p == 0 ? 0u : static_cast<uint32_t>(std::min(kept, 4294967295.0));
-  const auto s = static_cast<uint64_t>(seed);
-  return {static_cast<uint32_t>(s) ^ mix32(static_cast<uint32_t>(s >> 32)), threshold,
-          static_cast<float>(1.0 / (1.0 - p))};
-}
-
 }  // namespace
 
 // softmax(q k^T * scale + bias) v: (out, probs). q, k, v are read where they lie (rows
@@ -534,7 +553,7 @@ std::vector<torch::Tensor> biased_attend(torch::Tensor q, torch::Tensor k, torch
       float* p = P + (h * S + i0) * T;
       biased_softmax_block(s, T, bias, h, i0, scale, p);
       if (drop.on()) {
-        drop_block(p, T, drop, h * S + i0, T, dropped);
+        drop_block(p, T, drop, h * S + i0, T, dropped, T);
         rows_a_b(O.at(h, i0), O.row, dropped, T, V.at(h, 0), V.row, T);
       } else {
         rows_a_b(O.at(h, i0), O.row, p, T, V.at(h, 0), V.row, T);
@@ -618,11 +637,12 @@ torch::Tensor dropout_keep_mask(int64_t b, int64_t h, int64_t S, int64_t T, doub
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", [](torch::Tensor q, torch::Tensor k, torch::Tensor v) { return attend(q, k, v, false); },
-        "causal attention forward: (out, probs)");
+  m.def("forward", [](torch::Tensor q, torch::Tensor k, torch::Tensor v, double dropout_p,
+                      int64_t seed) { return attend(q, k, v, false, dropout_p, seed); },
+        "causal attention forward, dropout's mask hashed from a seed: (out, probs)");
   m.def("backward", [](torch::Tensor g, torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                       torch::Tensor out, torch::Tensor probs) {
-          return attend_backward(g, q, k, v, out, probs, false);
+                       torch::Tensor out, torch::Tensor probs, double dropout_p, int64_t seed) {
+          return attend_backward(g, q, k, v, out, probs, false, dropout_p, seed);
         }, "causal attention backward from the kept probabilities: (dq, dk, dv)");
   m.def("forward_lse", [](torch::Tensor q, torch::Tensor k, torch::Tensor v) { return attend(q, k, v, true); },
         "causal attention forward: (out, log-sum-exp per row)");

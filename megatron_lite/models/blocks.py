@@ -450,7 +450,7 @@ CAUSAL_BLOCK_MAX_BYTES = 32 << 20
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     blocked: bool = True) -> torch.Tensor:
+                     blocked: bool = True, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
     """softmax(q kᵀ / sqrt(d) + causal mask) v for q, k, v [b, heads, T, d].
 
     On CPU in fp32 with gradients, outside torch.compile and autocast, for two blocks of query
@@ -459,7 +459,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     (`megatron_lite.cpu_kernels`; 1.4x the path below on the 106M's attention), else by blocks of
     query rows as batched GEMMs (`_QueryBlockedCausalAttention`; 1.10x torch's flash kernel on
     the 106M's attention block, but slower on one block of short heads: 0.70x at [1, 4, 128,
-    16]). Otherwise, or with `blocked=False`, it is SDPA's fused causal kernel."""
+    16]). Otherwise, or with `blocked=False`, it is SDPA's fused causal kernel.
+
+    With `dropout_p` > 0 only the C++ kernel keeps its path (its mask hashed from `seed`);
+    elsewhere SDPA draws the mask from torch's RNG, which the caller seeds."""
     b, h, t, d = q.shape
     kept = b * h * t * (t + CAUSAL_BLOCK_ROWS) // 2 * q.element_size()
     if (blocked and q.device.type == "cpu" and q.dtype == torch.float32
@@ -469,11 +472,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             and not torch.is_autocast_enabled("cpu")):
         rows = [x.reshape(b * h, t, d) for x in (q, k, v)]
         if cpu_kernels.attention_kernel_for(q) is not None:
-            out = cpu_kernels.CausalAttention.apply(*(x.contiguous() for x in rows))
-        else:
-            out = _QueryBlockedCausalAttention.apply(*rows, CAUSAL_BLOCK_ROWS)
-        return out.view(b, h, t, d)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = cpu_kernels.CausalAttention.apply(*(x.contiguous() for x in rows), dropout_p,
+                                                    seed)
+            return out.view(b, h, t, d)
+        if dropout_p == 0:
+            return _QueryBlockedCausalAttention.apply(*rows, CAUSAL_BLOCK_ROWS).view(b, h, t, d)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
 
 class ParallelSelfAttention(nn.Module):
@@ -484,9 +488,9 @@ class ParallelSelfAttention(nn.Module):
     together) and resharding is a plain slice (partition stride 1). The output projection is
     row-parallel: its all-reduce is the only communication of the block.
 
-    Causal attention without dropout goes through `causal_attention`, whose CPU training path is
-    our C++ kernel or blocked GEMMs; `blocked_causal_attention = False` keeps it on SDPA's flash
-    kernel.
+    Causal attention goes through `causal_attention`, whose CPU training path is our C++ kernel
+    (with or without dropout) or blocked GEMMs (without); `blocked_causal_attention = False`
+    keeps it on SDPA's flash kernel.
     """
     blocked_causal_attention = True
 
@@ -531,8 +535,11 @@ class ParallelSelfAttention(nn.Module):
                 q, k, v = qkv_heads(self.qkv(x), self.local_heads)  # [b, local_heads, s, d]
                 if kv_cache is not None:
                     k, v = kv_cache.update(layer_idx, k, v)
-                if is_causal and mask is None and p == 0 and kv_cache is None:
-                    ctx = causal_attention(q, k, v, self.blocked_causal_attention)
+                if is_causal and mask is None and kv_cache is None:
+                    # The kernel hashes its dropout mask from the (step, site) seed; SDPA draws
+                    # it from the forked RNG.
+                    seed = self.rng.seed_for(self.site, tp_region=True) if p > 0 else 0
+                    ctx = causal_attention(q, k, v, self.blocked_causal_attention, p, seed)
                 else:
                     ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
                                                          is_causal=is_causal)

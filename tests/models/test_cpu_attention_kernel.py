@@ -10,7 +10,7 @@ import torch.utils.cpp_extension
 from megatron_lite import cpu_kernels
 from megatron_lite.models import blocks
 
-from tests.models.test_gpt import (assert_trains_alike_with_and_without_the_cpu_path,
+from tests.models.test_gpt import (assert_trains_alike_with_and_without_the_cpu_path, build,
                                    causal_batch, tiny_cfg)
 
 HAS_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
@@ -104,6 +104,53 @@ def test_gpt_with_the_kernel_trains_as_with_sdpa(monkeypatch):
     assert_trains_alike_with_and_without_the_cpu_path(cfg, causal_batch(2, 256, cfg.vocab_size),
                                                       monkeypatch)
     assert len(calls) == cfg.num_layers  # the first model's layers, not the second's
+
+
+@needs_kernel
+def test_causal_kernel_with_dropout_equals_float64():
+    """With dropout the causal kernel's output is (P · keep / (1 - p)) v, keep hashed from the
+    seed as in the biased kernel (`dropout_keep_mask` over [1, n, T, T]): output and q, k, v
+    gradients against that arithmetic in float64, at a length whose blocks end mid-vector (96)."""
+    n, t, p, seed = 3, 96, 0.2, 77
+    g = torch.Generator().manual_seed(t)
+    q, k, v, grad = (torch.randn(n, t, 64, generator=g, dtype=torch.float64) for _ in range(4))
+    keep = cpu_kernels.attention_kernel().dropout_keep_mask(1, n, t, t, p, seed)[0]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+
+    def reference(q, k, v):
+        scores = (q @ k.transpose(-1, -2) / 8).masked_fill(~causal, float("-inf"))
+        return (scores.softmax(-1) * keep / (1 - p)) @ v
+    want, _ = _grads(reference, q, k, v, grad)
+    got, _ = _grads(lambda *a: cpu_kernels.CausalAttention.apply(*a, p, seed),
+                    *(x.float() for x in (q, k, v)), grad.float())
+    for name, a, w in zip(("output", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a.double(), w, rtol=1e-5, atol=2e-5, msg=name)
+
+
+@needs_kernel
+def test_gpt_attention_dropout_on_the_kernel_recomputes_its_masks(monkeypatch):
+    """LingLong's configs train with attention dropout: its causal attention stays on the kernel,
+    the mask hashed from the (step, site) seed, so activation checkpointing gives the gradients
+    of the plain run, and another step draws other masks."""
+    cfg = tiny_cfg(num_layers=2, hidden_size=128, num_attention_heads=2, ffn_hidden_size=256,
+                   max_position_embeddings=256, attention_dropout=0.2)
+    calls, apply = [], cpu_kernels.CausalAttention.apply
+    monkeypatch.setattr(cpu_kernels.CausalAttention, "apply",
+                        lambda *a: calls.append(a[3:]) or apply(*a))
+    batch = causal_batch(2, 256, cfg.vocab_size)
+    results = []
+    for recompute, step in ((False, 3), (True, 3), (False, 4)):
+        model = build(cfg).train()
+        model.checkpoint_activations = recompute
+        model.rng.set_step(step, 1)
+        loss = model.loss(batch)[0]
+        results.append((loss.detach(), torch.autograd.grad(loss, list(model.parameters()))))
+    assert len(calls) == 4 * cfg.num_layers and all(p == 0.2 for p, _ in calls)
+    assert len({seed for _, seed in calls}) == 2 * cfg.num_layers  # per step and layer
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=0)
+    for (name, _), a, w in zip(model.named_parameters(), results[1][1], results[0][1]):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.isclose(results[2][0], results[0][0])
 
 
 @needs_kernel
