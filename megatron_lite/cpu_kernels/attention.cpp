@@ -178,7 +178,7 @@ inline __m512i mix32(__m512i x) {
 
 // The dropout of an attention at rate p, its mask drawn from `seed`; p == 0: none.
 Dropout make_dropout(int64_t seed, double p) {
-  TORCH_CHECK(0 <= p && p < 1, "biased_attention kernel: dropout p must be in [0, 1), got ", p);
+  TORCH_CHECK(0 <= p && p < 1, "attention kernel: dropout p must be in [0, 1), got ", p);
   const double kept = (1.0 - p) * 4294967296.0;  // (1 - p) 2^32
   const uint32_t threshold = p == 0 ? 0u : static_cast<uint32_t>(std::min(kept, 4294967295.0));
   const auto s = static_cast<uint64_t>(seed);
