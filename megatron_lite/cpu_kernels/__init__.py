@@ -97,10 +97,13 @@ def attention_kernel():
     return _module
 
 
-def attention_kernel_for(q: torch.Tensor):
-    """The built extension when q (and k, v of its shape) [..., T, d] fit it: d = 64, T a
-    multiple of 32, fp32 on CPU, outside torch.compile; else None."""
-    fits = (q.size(-1) == HEAD_DIM and q.size(-2) % SEQ_MULTIPLE == 0 and q.device.type == "cpu"
+def attention_kernel_for(q: torch.Tensor, k: torch.Tensor | None = None):
+    """The built extension when q [..., S, d] fits it, fp32 on CPU outside torch.compile with
+    d = 64: causal (k None, k and v of q's shape) with S a multiple of 32, or biased over k
+    [..., T, d] with S a multiple of 8 and T of 32 (`BiasedAttention`); else None."""
+    rows_fit = (q.size(-2) % SEQ_MULTIPLE == 0 if k is None
+                else q.size(-2) % 8 == 0 and k.size(-2) % SEQ_MULTIPLE == 0)
+    fits = (rows_fit and q.size(-1) == HEAD_DIM and q.device.type == "cpu"
             and q.dtype == torch.float32 and not torch.compiler.is_compiling())
     return attention_kernel() if fits else None
 
@@ -124,15 +127,6 @@ class CausalAttention(torch.autograd.Function):
         grads = ctx.kernel.backward(grad.contiguous(), *ctx.saved_tensors, ctx.dropout_p,
                                     ctx.seed)
         return (*grads, None, None)
-
-
-def biased_kernel_for(q: torch.Tensor, k: torch.Tensor):
-    """The built extension when q [b, h, S, d] over k [b, h, T, d] fit its biased attention:
-    d = 64, S a multiple of 8, T of 32, fp32 on CPU, outside torch.compile; else None."""
-    fits = (q.size(-1) == HEAD_DIM and q.size(-2) % 8 == 0 and k.size(-2) % SEQ_MULTIPLE == 0
-            and q.device.type == "cpu" and q.dtype == torch.float32
-            and not torch.compiler.is_compiling())
-    return attention_kernel() if fits else None
 
 
 class BiasedAttention(torch.autograd.Function):

@@ -186,10 +186,14 @@ Dropout make_dropout(int64_t seed, double p) {
           static_cast<float>(1.0 / (1.0 - p))};
 }
 
-// Lanes c .. c + 15 of attention row `row` (its index in [b * h * S]): which are kept.
-inline __mmask16 kept_lanes(const Dropout& drop, int64_t row, int64_t c) {
-  const uint32_t key = mix32(drop.seed ^ mix32(static_cast<uint32_t>(row) * 0x9e3779b9u +
-                                               static_cast<uint32_t>(row >> 32)));
+// The hash key of attention row `row` (its index in [b * h * S]).
+inline uint32_t row_key(const Dropout& drop, int64_t row) {
+  return mix32(drop.seed ^ mix32(static_cast<uint32_t>(row) * 0x9e3779b9u +
+                                 static_cast<uint32_t>(row >> 32)));
+}
+
+// Lanes c .. c + 15 of the attention row whose key is `key`: which are kept.
+inline __mmask16 kept_lanes(const Dropout& drop, uint32_t key, int64_t c) {
   const __m512i cols = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)),
                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
                                                           12, 13, 14, 15));
@@ -208,10 +212,11 @@ inline void drop_block(const float* p, int64_t ldp, const Dropout& drop, int64_t
                        int64_t kn, float* dropped, int64_t ldd) {
   const __m512 inv = _mm512_set1_ps(drop.inv_keep);
   for (int64_t r = 0; r < kRows; ++r) {
+    const uint32_t key = row_key(drop, row0 + r);
     for (int64_t c = 0; c < kn; c += 16) {
       const __mmask16 lanes = first_lanes(kn - c);
       _mm512_mask_storeu_ps(dropped + r * ldd + c, lanes,
-                            _mm512_maskz_mul_ps(kept_lanes(drop, row0 + r, c) & lanes,
+                            _mm512_maskz_mul_ps(kept_lanes(drop, key, c) & lanes,
                                                 _mm512_maskz_loadu_ps(lanes, p + r * ldp + c), inv));
     }
   }
@@ -242,9 +247,10 @@ inline void backward_block(Rows g, Rows o, const float* p, int64_t ldp, const fl
     if (drop.on()) {
       const __m512 inv = _mm512_set1_ps(drop.inv_keep), dot = _mm512_set1_ps(row_dot);
       const __m512 vscale = _mm512_set1_ps(scale);
+      const uint32_t key = row_key(drop, row0 + r);
       for (int64_t c = 0; c < kn; c += 16) {
         const __mmask16 lanes = first_lanes(kn - c);
-        const __m512 dp = _mm512_maskz_mul_ps(kept_lanes(drop, row0 + r, c) & lanes,
+        const __m512 dp = _mm512_maskz_mul_ps(kept_lanes(drop, key, c) & lanes,
                                               _mm512_maskz_loadu_ps(lanes, row + c), inv);
         _mm512_mask_storeu_ps(row + c, lanes,
                               _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, prob + c),
@@ -628,8 +634,9 @@ torch::Tensor dropout_keep_mask(int64_t b, int64_t h, int64_t S, int64_t T, doub
   auto keep = torch::ones({b, h, S, T}, torch::kUInt8);
   uint8_t* out = keep.data_ptr<uint8_t>();
   for (int64_t row = 0; drop.on() && row < b * h * S; ++row) {
+    const uint32_t key = row_key(drop, row);
     for (int64_t c = 0; c < T; c += 16) {
-      const __mmask16 lanes = kept_lanes(drop, row, c);
+      const __mmask16 lanes = kept_lanes(drop, key, c);
       for (int l = 0; l < 16; ++l) out[row * T + c + l] = (lanes >> l) & 1;
     }
   }

@@ -361,7 +361,7 @@ class T5Attention(nn.Module):
             k, v = kv_cache.update(layer_idx, k, v)
         p = self.attention_dropout if self.training else 0.0
         if (bias.past == 0 and _trains(q, k, v, bias.per_distance)
-                and cpu_kernels.biased_kernel_for(q, k) is not None):
+                and cpu_kernels.attention_kernel_for(q, k) is not None):
             # The dropout mask is hashed from the (step, site) seed: a checkpointed layer's
             # recompute draws the same one. Heads differ per TP rank, so masks do too.
             seed = self.rng.seed_for(self.site, tp_region=True) if p > 0 else 0
@@ -477,11 +477,6 @@ class T5Stack(nn.Module):
                                            num_buckets=self.cfg.relative_attention_num_buckets,
                                            max_distance=self.cfg.relative_attention_max_distance)
         return F.embedding(buckets, self.relative_attention_bias).t().contiguous()
-
-    def position_bias(self, q_len: int, k_len: int, past: int, device) -> torch.Tensor:
-        """[1, local_heads, q_len, k_len] bias of queries past..past+q_len-1 over keys 0..k_len-1."""
-        return ScoreBias(self.per_distance_bias(q_len, k_len, past, device), None, False,
-                         q_len, k_len, past).dense()
 
     def forward(self, x, keep=None, memory=None, memory_keep=None, cache=None):
         """x: embedded tokens [b, s, h]. Encoder: keep [b, s] bool, False at padding. Decoder:

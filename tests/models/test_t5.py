@@ -183,7 +183,7 @@ def test_fused_head_loss_gives_the_logits_then_loss_results(tied):
 def test_position_bias_equals_the_per_pair_lookup(decoder, q_len, k_len, past):
     """The Toeplitz layout of the per-distance bias gives the reference's per-(query, key) table
     lookup exactly, and the same gradient up to float summation order."""
-    from megatron_lite.models.t5 import relative_position_bucket
+    from megatron_lite.models.t5 import ScoreBias, relative_position_bucket
     stack = make_model(make_cfg(), dtype=torch.float64).train()
     stack = stack.decoder if decoder else stack.encoder
     cfg = stack.cfg
@@ -193,7 +193,8 @@ def test_position_bias_equals_the_per_pair_lookup(decoder, q_len, k_len, past):
                                        cfg.relative_attention_max_distance)
     table = stack.relative_attention_bias
     reference = torch.nn.functional.embedding(buckets, table).permute(2, 0, 1).unsqueeze(0)
-    bias = stack.position_bias(q_len, k_len, past, table.device)
+    bias = ScoreBias(stack.per_distance_bias(q_len, k_len, past, table.device), None, False,
+                     q_len, k_len, past).dense()
     assert bias.shape == (1, cfg.num_attention_heads, q_len, k_len)
     assert torch.equal(bias, reference)
     upstream = torch.randn(bias.shape, dtype=bias.dtype)
